@@ -1,0 +1,95 @@
+"""The app factory: a lifespan that loads the base in the background, and the routes, errors and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+
+from service.api.errors import install_error_handlers
+from service.api.routes import adapters, health, inference
+from service.api.state import AppState
+from service.inference import InferenceService
+from service.metrics import Metrics
+from service.model.loading import load_base_model
+from service.model.runner import ModelRunner
+from service.model.validation import BaseShapes
+from service.settings import Settings
+from service.store.store import AdapterStore
+
+logger = logging.getLogger(__name__)
+
+
+async def _boot(state: AppState) -> None:
+    """Load the base off the event loop so /health answers and /ready says 503 while it loads."""
+    settings = state.settings
+    loop = asyncio.get_running_loop()
+    try:
+        base = await loop.run_in_executor(state.executor, load_base_model, settings)
+        store = AdapterStore(settings.adapters_dir, base.names_base if settings.check_adapter_base else None)
+        store.sweep()
+        runner = ModelRunner(base)
+        state.shapes = BaseShapes(base)
+        service = InferenceService(settings, store, runner, state.executor, state.metrics)
+        await service.start()
+        state.store, state.inference = store, service
+        state.phase, state.message = "ready", f"base model {base.path} on {base.device} ({base.dtype})"
+        state.metrics.ready.set(1)
+        logger.info("ready: %s", state.message)
+    except Exception as error:
+        logger.exception("start-up failed")
+        state.phase, state.message = "failed", str(error)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = AppState(
+            settings=settings,
+            metrics=Metrics(settings.metrics_max_adapter_labels),
+            executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix="model"),
+        )
+        app.state.service = state
+        boot = asyncio.create_task(_boot(state))
+        try:
+            yield
+        finally:
+            state.phase = "stopping"
+            state.metrics.ready.set(0)
+            boot.cancel()
+            if state.inference is not None:
+                await state.inference.stop()
+            state.executor.shutdown(wait=True, cancel_futures=True)
+
+    app = FastAPI(
+        title="Adapter service",
+        version="0.1.0",
+        description="One frozen base model serving many PEFT adapters (LoRA, prefix tuning) per request.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(inference.router)
+    app.include_router(adapters.router)
+
+    @app.middleware("http")
+    async def record(request: Request, call_next) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        if path != "/metrics":
+            metrics: Metrics = request.app.state.service.metrics
+            adapter = metrics.adapter_label(getattr(request.state, "adapter", None))
+            metrics.requests.labels(route=path, adapter=adapter, status=str(response.status_code)).inc()
+            metrics.request_seconds.labels(route=path).observe(time.perf_counter() - started)
+        return response
+
+    return app

@@ -1,0 +1,59 @@
+"""Adapter listing and the admin routes that upload and delete adapters."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
+
+from service.api.auth import require_admin
+from service.api.schemas import AdapterEntry, AdapterList
+from service.api.state import Inference, State
+from service.errors import UploadTooLarge
+from service.model.validation import check_adapter
+from service.store.archive import ArchiveLimits
+from service.store.uploads import install_upload
+
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+
+
+@router.get("", response_model=AdapterList)
+async def list_adapters(inference: Inference) -> AdapterList:
+    infos = await asyncio.to_thread(inference.store.list)
+    return AdapterList(adapters=[AdapterEntry.of(info, info.name in inference.resident) for info in infos])
+
+
+@router.get("/{name}", response_model=AdapterEntry)
+async def get_adapter(name: str, inference: Inference) -> AdapterEntry:
+    info = await asyncio.to_thread(inference.store.get, name)
+    return AdapterEntry.of(info, name in inference.resident)
+
+
+@router.post("", status_code=201, response_model=AdapterEntry, dependencies=[Depends(require_admin)])
+async def upload_adapter(
+    request: Request,
+    state: State,
+    inference: Inference,
+    name: str = Form(description="The new adapter's name."),
+    archive: UploadFile = File(description="A .zip or .tar.gz of the adapter's files, at its top or in one folder."),
+) -> AdapterEntry:
+    request.state.adapter = name
+    settings = state.settings
+    size = archive.size if archive.size is not None else 0
+    if size > settings.max_upload_bytes:
+        raise UploadTooLarge(f"the archive is {size} bytes; the limit is {settings.max_upload_bytes}")
+    limits = ArchiveLimits(max_unpacked_bytes=settings.max_unpacked_bytes)
+
+    def check(info) -> None:
+        check_adapter(info, state.shapes, settings.max_lora_rank, settings.max_virtual_tokens)
+
+    info = await asyncio.to_thread(install_upload, inference.store, name, archive.file, size, limits, check)
+    return AdapterEntry.of(info, loaded=False)
+
+
+@router.delete("/{name}", status_code=204, dependencies=[Depends(require_admin)])
+async def delete_adapter(name: str, request: Request, inference: Inference) -> Response:
+    request.state.adapter = name
+    await asyncio.to_thread(inference.store.delete, name)
+    await inference.forget(name)
+    return Response(status_code=204)

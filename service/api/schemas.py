@@ -1,0 +1,81 @@
+"""Request and response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.domain import AdapterInfo
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    adapter: str | None = Field(default=None, description="A classification adapter's name.")
+    inputs: str | list[str] = Field(description="One text, or a list of texts classified in order.")
+
+
+class ClassificationResult(BaseModel):
+    label: str
+    score: float
+    scores: dict[str, float]
+
+
+class ClassifyResponse(BaseModel):
+    adapter: str | None
+    results: list[ClassificationResult]
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    adapter: str | None = Field(default=None, description="A generation adapter's name; null for the base model.")
+    prompt: str = Field(min_length=1)
+    max_new_tokens: int = Field(default=32, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=100.0, description="0 is greedy decoding.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list, description="Generation ends before the first of these strings.")
+    seed: int | None = Field(default=None, description="Makes sampling repeatable.")
+    chat: bool = Field(default=False, description="Wrap the prompt in the base model's chat template as a user turn.")
+
+
+class GenerateResponse(BaseModel):
+    adapter: str | None
+    text: str
+    generated_tokens: int
+    prompt_tokens: int
+    finish_reason: Literal["length", "stop", "eos"]
+
+
+class AdapterEntry(BaseModel):
+    name: str
+    type: Literal["lora", "prefix_tuning"]
+    task: Literal["classification", "generation"]
+    rank: int | None
+    num_virtual_tokens: int | None
+    labels: list[str] | None
+    size_bytes: int
+    sha256: str
+    version: str
+    base_model_name_or_path: str | None
+    target_modules: list[str] | None
+    loaded: bool
+
+    @classmethod
+    def of(cls, info: AdapterInfo, loaded: bool) -> AdapterEntry:
+        return cls(
+            name=info.name, type=info.kind.value, task=info.task.value, rank=info.rank,
+            num_virtual_tokens=info.num_virtual_tokens, labels=info.labels, size_bytes=info.size_bytes,
+            sha256=info.sha256, version=info.version, base_model_name_or_path=info.base_model_name_or_path,
+            target_modules=info.target_modules, loaded=loaded,
+        )
+
+
+class AdapterList(BaseModel):
+    adapters: list[AdapterEntry]
+
+
+class ErrorBody(BaseModel):
+    error: str
+    message: str

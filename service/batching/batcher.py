@@ -1,0 +1,145 @@
+"""Dynamic batching: requests queue, a worker collects a batch, groups it by key and runs each group off the loop.
+
+Knows nothing of torch or HTTP: a group runner takes ``(key, payloads)`` and returns one result or exception per
+payload. One future per request; a failing group fails only its own requests, and the worker lives on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.errors import QueueFull
+
+logger = logging.getLogger(__name__)
+
+GroupRunner = Callable[[Hashable, Sequence[Any]], Sequence[Any]]
+
+
+@dataclass
+class _Item:
+    key: Hashable
+    payload: Any
+    future: asyncio.Future
+    enqueued_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class BatchStats:
+    """What one group run looked like, for metrics."""
+
+    key: Hashable
+    size: int
+    queue_waits: list[float]
+    seconds: float
+
+
+class Batcher:
+    """Collects up to ``max_batch_size`` requests or waits ``max_wait_ms``, then runs them grouped by key."""
+
+    def __init__(
+        self,
+        run_group: GroupRunner,
+        executor: Executor,
+        *,
+        max_batch_size: int,
+        max_wait_ms: float,
+        max_queue_size: int,
+        on_batch: Callable[[BatchStats], None] | None = None,
+        on_depth: Callable[[int], None] | None = None,
+    ) -> None:
+        self._run_group = run_group
+        self._executor = executor
+        self._max_batch_size = max_batch_size
+        self._max_wait = max_wait_ms / 1000.0
+        self._max_queue_size = max_queue_size
+        self._on_batch = on_batch or (lambda stats: None)
+        self._on_depth = on_depth or (lambda depth: None)
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._worker: asyncio.Task | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None and not self._worker.done()
+
+    @property
+    def depth(self) -> int:
+        return 0 if self._queue is None else self._queue.qsize()
+
+    def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._worker = asyncio.create_task(self._work(), name="batcher")
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+            self._worker = None
+        while self._queue is not None and not self._queue.empty():
+            item = self._queue.get_nowait()
+            if not item.future.done():
+                item.future.set_exception(asyncio.CancelledError("the service is shutting down"))
+
+    async def submit(self, key: Hashable, payload: Any) -> Any:
+        """Queue one request and wait for its result (or its exception)."""
+        assert self._queue is not None, "batcher not started"
+        if self._queue.qsize() >= self._max_queue_size:
+            raise QueueFull(f"the queue holds {self._max_queue_size} requests; retry shortly")
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Item(key=key, payload=payload, future=future))
+        self._on_depth(self._queue.qsize())
+        return await future
+
+    async def _collect(self) -> list[_Item]:
+        assert self._queue is not None
+        batch = [await self._queue.get()]
+        deadline = time.perf_counter() + self._max_wait
+        while len(batch) < self._max_batch_size:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                while len(batch) < self._max_batch_size and not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except asyncio.TimeoutError:
+                break
+        self._on_depth(self._queue.qsize())
+        return batch
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [item for item in await self._collect() if not item.future.done()]
+            groups: dict[Hashable, list[_Item]] = {}
+            for item in batch:
+                groups.setdefault(item.key, []).append(item)
+            for key, items in groups.items():
+                started = time.perf_counter()
+                try:
+                    results = await loop.run_in_executor(
+                        self._executor, self._run_group, key, [item.payload for item in items]
+                    )
+                except Exception as error:  # the group's failure is its requests' failure, not the worker's
+                    logger.exception("batch for %s failed", key)
+                    results = [error] * len(items)
+                seconds = time.perf_counter() - started
+                for item, result in zip(items, results):
+                    if item.future.done():
+                        continue
+                    if isinstance(result, BaseException):
+                        item.future.set_exception(result)
+                    else:
+                        item.future.set_result(result)
+                self._on_batch(
+                    BatchStats(key=key, size=len(items), queue_waits=[started - i.enqueued_at for i in items],
+                               seconds=seconds)
+                )

@@ -1,0 +1,66 @@
+"""Plain data shared by every layer: adapter descriptions, requests and results. No torch, no HTTP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class AdapterKind(str, Enum):
+    LORA = "lora"
+    PREFIX_TUNING = "prefix_tuning"
+
+
+class Task(str, Enum):
+    CLASSIFICATION = "classification"
+    GENERATION = "generation"
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What the store knows of one adapter without loading it into the model."""
+
+    name: str
+    kind: AdapterKind
+    task: Task
+    path: str
+    rank: int | None
+    num_virtual_tokens: int | None
+    labels: list[str] | None
+    size_bytes: int
+    sha256: str
+    base_model_name_or_path: str | None
+    target_modules: list[str] | None = None
+
+    @property
+    def version(self) -> str:
+        """Content version: the short content hash, so a replaced adapter never matches a stale cache entry."""
+        return self.sha256[:16]
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """One generation request, already validated."""
+
+    prompt: str
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    chat: bool = False
+
+
+@dataclass(frozen=True)
+class Classification:
+    label: str
+    score: float
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    generated_tokens: int
+    prompt_tokens: int
+    finish_reason: str  # "length" | "stop" | "eos"

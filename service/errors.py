@@ -1,0 +1,47 @@
+"""Domain errors, raised where they happen and mapped to HTTP statuses in one place (service.api.errors)."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base of every error the service reports to a client."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class AdapterNotFound(ServiceError):
+    """No adapter of that name in the store."""
+
+
+class AdapterExists(ServiceError):
+    """An upload names an adapter that already exists."""
+
+
+class AdapterInvalid(ServiceError):
+    """An adapter's files are malformed, unsupported, or do not fit the base model."""
+
+
+class UploadInvalid(ServiceError):
+    """An uploaded archive is malformed, unsafe, or holds files the store does not accept."""
+
+
+class UploadTooLarge(ServiceError):
+    """An upload exceeds a configured size cap."""
+
+
+class WrongTask(ServiceError):
+    """An adapter used for a task it does not serve (a generation adapter asked to classify, say)."""
+
+
+class InvalidRequest(ServiceError):
+    """A request that is well-formed JSON but cannot be served as asked (too long an input, say)."""
+
+
+class QueueFull(ServiceError):
+    """The request queue is at capacity; the client should retry later."""
+
+
+class NotReady(ServiceError):
+    """The service is starting or shutting down."""

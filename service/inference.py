@@ -1,0 +1,172 @@
+"""The service object routes talk to: checks a request against the store, queues it, and runs batches.
+
+``submit``-side work (adapter lookup, tokenization, limits) happens on the event loop so a bad request fails at
+once with its own error; ``run_group`` runs on the model worker thread with the batch the batcher formed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Hashable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+from service.batching.batcher import Batcher, BatchStats
+from service.domain import AdapterInfo, Classification, Generation, GenerationParams, Task
+from service.errors import InvalidRequest, WrongTask
+from service.metrics import Metrics
+from service.model.resident import ResidentAdapters
+from service.model.runner import GenerationJob, ModelRunner
+from service.settings import Settings
+from service.store.store import AdapterStore
+
+
+@dataclass(frozen=True)
+class GroupKey:
+    """Requests batch together when they share adapter (and its content version) and task."""
+
+    adapter: str | None
+    version: str | None
+    task: Task
+
+
+@dataclass(frozen=True)
+class _ClassifyPayload:
+    info: AdapterInfo
+    inputs: list[list[int]]
+
+
+@dataclass(frozen=True)
+class _GeneratePayload:
+    info: AdapterInfo | None
+    job: GenerationJob
+
+
+class InferenceService:
+    """Classification and generation over the batcher, with adapters resolved through the store."""
+
+    def __init__(
+        self, settings: Settings, store: AdapterStore, runner: ModelRunner, executor: Executor, metrics: Metrics
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.runner = runner
+        self.executor = executor
+        self.metrics = metrics
+        self.resident = ResidentAdapters(
+            runner,
+            max_loaded=settings.max_loaded_adapters,
+            pinned=set(settings.preload_adapters),
+            on_load=self._record_load,
+            on_change=metrics.adapters_loaded.set,
+        )
+        self.batcher = Batcher(
+            self.run_group,
+            executor,
+            max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.max_wait_ms,
+            max_queue_size=settings.max_queue_size,
+            on_batch=self._record_batch,
+            on_depth=metrics.queue_depth.set,
+        )
+
+    def _record_load(self, seconds: float, outcome: str) -> None:
+        self.metrics.adapter_load_seconds.observe(seconds)
+        self.metrics.adapter_loads.labels(outcome=outcome).inc()
+
+    def _record_batch(self, stats: BatchStats) -> None:
+        task = stats.key.task.value
+        self.metrics.batch_size.labels(task=task).observe(stats.size)
+        self.metrics.inference_seconds.labels(task=task).observe(stats.seconds)
+        for wait in stats.queue_waits:
+            self.metrics.queue_wait_seconds.labels(task=task).observe(wait)
+
+    # -- lifecycle ------------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.batcher.start()
+        for name in self.settings.preload_adapters:
+            info = await asyncio.to_thread(self.store.get, name)
+            await self._on_worker(self.resident.acquire, info)
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+
+    async def _on_worker(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+
+    async def forget(self, name: str) -> None:
+        """Unload a deleted adapter, serialized with the batches on the worker thread."""
+        await self._on_worker(self.resident.drop, name)
+
+    # -- requests -------------------------------------------------------------------------------------------------
+
+    async def adapter_for(self, name: str | None, task: Task) -> AdapterInfo | None:
+        if name is None:
+            if task is Task.CLASSIFICATION:
+                raise WrongTask("classification needs an adapter with a classification head; name one in 'adapter'")
+            return None
+        info = await asyncio.to_thread(self.store.get, name)
+        if info.task is not task:
+            raise WrongTask(f"adapter {name!r} is a {info.task.value} adapter; it cannot serve {task.value}")
+        return info
+
+    async def classify(self, adapter: str | None, texts: Sequence[str]) -> list[Classification]:
+        info = await self.adapter_for(adapter, Task.CLASSIFICATION)
+        if len(texts) > self.settings.max_inputs_per_request:
+            raise InvalidRequest(
+                f"{len(texts)} inputs in one request; the limit is {self.settings.max_inputs_per_request}"
+            )
+        limit = self.settings.max_input_tokens
+        inputs = [
+            self.runner.encode_text(text, limit, f"input {index}" if len(texts) > 1 else "input")
+            for index, text in enumerate(texts)
+        ]
+        key = GroupKey(info.name, info.sha256, Task.CLASSIFICATION)
+        return await self.batcher.submit(key, _ClassifyPayload(info, inputs))
+
+    async def generate(self, adapter: str | None, params: GenerationParams) -> Generation:
+        info = await self.adapter_for(adapter, Task.GENERATION)
+        prompt_ids = self.runner.encode_prompt(params, self.settings.max_input_tokens)
+        key = GroupKey(adapter, None if info is None else info.sha256, Task.GENERATION)
+        generation = await self.batcher.submit(key, _GeneratePayload(info, GenerationJob(params, prompt_ids)))
+        self.metrics.generated_tokens.labels(adapter=self.metrics.adapter_label(adapter)).inc(
+            generation.generated_tokens
+        )
+        return generation
+
+    # -- worker thread --------------------------------------------------------------------------------------------
+
+    def run_group(self, key: Hashable, payloads: Sequence[_ClassifyPayload | _GeneratePayload]) -> list:
+        assert isinstance(key, GroupKey)
+        if key.task is Task.CLASSIFICATION:
+            return self._classify_group(payloads)
+        return self._generate_group(payloads)
+
+    def _classify_group(self, payloads: Sequence[_ClassifyPayload]) -> list[list[Classification]]:
+        info = payloads[0].info
+        adapter = self.resident.acquire(info)
+        rows = [ids for payload in payloads for ids in payload.inputs]
+        step = self.settings.max_batch_size
+        probabilities: list[list[float]] = []
+        for start in range(0, len(rows), step):
+            probabilities += self.runner.classify(adapter, rows[start:start + step])
+        labels = info.labels or []
+        results: list[list[Classification]] = []
+        cursor = 0
+        for payload in payloads:
+            mine = probabilities[cursor:cursor + len(payload.inputs)]
+            cursor += len(payload.inputs)
+            results.append([_classification(labels, probs) for probs in mine])
+        return results
+
+    def _generate_group(self, payloads: Sequence[_GeneratePayload]) -> list[Generation]:
+        info = payloads[0].info
+        adapter = None if info is None else self.resident.acquire(info)
+        return self.runner.generate(adapter, [payload.job for payload in payloads])
+
+
+def _classification(labels: list[str], probabilities: list[float]) -> Classification:
+    scores = {label: probability for label, probability in zip(labels, probabilities)}
+    best = max(range(len(probabilities)), key=probabilities.__getitem__)
+    return Classification(label=labels[best], score=probabilities[best], scores=scores)

@@ -1,0 +1,204 @@
+"""Turning an adapter folder into what the runner needs, on the one shared base model.
+
+LoRA adapters are injected into a single PEFT ``PeftModel`` that wraps the base in place (PEFT cannot hold LoRA and
+prefix adapters in one model, and injection changes the base's modules, so there is one LoRA host). Prefix adapters
+never touch the model: their past key/values are computed once here. Classification heads are kept apart as small
+linear layers and applied to the backbone's pooled hidden state, so no second copy of the base is ever made.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, PrefixTuningConfig
+from peft.utils import set_peft_model_state_dict
+from peft.utils.other import _prepare_prompt_learning_config
+from safetensors.torch import load_file
+
+from service.domain import AdapterInfo, AdapterKind, Task
+from service.errors import AdapterInvalid
+from service.model.loading import BaseModel
+
+WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+HEAD_MODULES = ("score", "classifier")
+_HEAD_KEY = re.compile(
+    r"^(?:base_model\.)?(?:model\.)?(?P<module>score|classifier)(?:\.modules_to_save\.[^.]+)?\.(?P<param>weight|bias)$"
+)
+
+
+@dataclass
+class LoadedAdapter:
+    """An adapter resident in the model, ready to serve."""
+
+    info: AdapterInfo
+    head: torch.nn.Linear | None = None
+    prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (key, value): [1, kv_heads, P, dim]
+    peft_name: str | None = None  # its name inside the LoRA host
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return 0 if self.prefix is None else self.prefix[0][0].shape[2]
+
+    @property
+    def resident_bytes(self) -> int:
+        tensors: list[torch.Tensor] = []
+        if self.head is not None:
+            tensors += list(self.head.parameters())
+        if self.prefix is not None:
+            tensors += [t for pair in self.prefix for t in pair]
+        return sum(t.numel() * t.element_size() for t in tensors) + (
+            self.info.size_bytes if self.peft_name else 0
+        )
+
+
+def read_adapter_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Load safetensors weights only: pickle formats can run code and are never read."""
+    weights_path = path / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise AdapterInvalid(f"{path.name}: {WEIGHTS_FILE} is missing")
+    try:
+        return load_file(str(weights_path))
+    except Exception as error:  # safetensors raises several types for corrupt files
+        raise AdapterInvalid(f"{path.name}: {WEIGHTS_FILE} cannot be read: {error}") from error
+
+
+def split_head(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Separate a classification head (``score`` / ``classifier`` in modules_to_save) from the other weights."""
+    head: dict[str, torch.Tensor] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for key, tensor in weights.items():
+        match = _HEAD_KEY.match(key)
+        if match:
+            head[match["param"]] = tensor
+        else:
+            rest[key] = tensor
+    return head, rest
+
+
+def build_head(head_weights: dict[str, torch.Tensor], base: BaseModel, name: str) -> torch.nn.Linear:
+    weight = head_weights.get("weight")
+    hidden = base.model.config.hidden_size
+    if weight is None or weight.dim() != 2 or weight.shape[1] != hidden:
+        shape = None if weight is None else tuple(weight.shape)
+        raise AdapterInvalid(f"{name}: classification head has shape {shape}, expected (num_labels, {hidden})")
+    bias = head_weights.get("bias")
+    head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        if bias is not None:
+            head.bias.copy_(bias)
+    return head.to(device=base.device, dtype=base.dtype).eval().requires_grad_(False)
+
+
+def read_config(path: Path) -> dict:
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as error:
+        raise AdapterInvalid(f"{path.name}: {CONFIG_FILE} cannot be read: {error}") from error
+    if not isinstance(config, dict):
+        raise AdapterInvalid(f"{path.name}: {CONFIG_FILE} must hold a JSON object")
+    return config
+
+
+def compute_prefix(
+    config_dict: dict, weights: dict[str, torch.Tensor], base: BaseModel, name: str
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The per-layer past key/values a prefix adapter puts before every input, computed once.
+
+    Mirrors ``PeftModel.get_prompt`` for a loaded (inference-mode) adapter: the saved ``prompt_embeddings`` already
+    hold the projected prefix when ``prefix_projection`` was used, so no MLP runs here.
+    """
+    fields = {k: v for k, v in config_dict.items() if k in PrefixTuningConfig.__dataclass_fields__}
+    try:
+        config = PrefixTuningConfig(**fields)
+        _prepare_prompt_learning_config(config, base.model.config)
+    except (TypeError, ValueError) as error:
+        raise AdapterInvalid(f"{name}: prefix tuning config is invalid: {error}") from error
+    embeddings = weights.get("prompt_embeddings")
+    layers = base.model.config.num_hidden_layers
+    expected = (config.num_virtual_tokens, layers * 2 * config.token_dim)
+    if embeddings is None or tuple(embeddings.shape) != expected:
+        shape = None if embeddings is None else tuple(embeddings.shape)
+        raise AdapterInvalid(f"{name}: prompt_embeddings has shape {shape}, this base needs {expected}")
+    kv_heads = getattr(base.model.config, "num_key_value_heads", None) or base.model.config.num_attention_heads
+    head_dim = config.token_dim // config.num_attention_heads
+    model_head_dim = getattr(base.model.config, "head_dim", None) or (
+        base.model.config.hidden_size // base.model.config.num_attention_heads
+    )
+    if config.num_layers != layers or config.num_attention_heads != kv_heads or head_dim != model_head_dim:
+        raise AdapterInvalid(
+            f"{name}: prefix was made for {config.num_layers} layers x {config.num_attention_heads} kv heads x "
+            f"{head_dim} dims; this base has {layers} x {kv_heads} x {model_head_dim}"
+        )
+    past = embeddings.to(device=base.device, dtype=base.dtype).view(
+        1, config.num_virtual_tokens, layers * 2, config.num_attention_heads, head_dim
+    )
+    per_layer = past.permute([2, 0, 3, 1, 4]).split(2)  # layers x [2, 1, heads, P, dim]
+    return [(kv[0].contiguous(), kv[1].contiguous()) for kv in per_layer]
+
+
+class LoraHost:
+    """The single PEFT LoRA model wrapped around the base; adapters are added and removed by name."""
+
+    def __init__(self, base: BaseModel) -> None:
+        self._base = base
+        self.peft_model: PeftModel | None = None
+
+    def add(self, name: str, config_dict: dict, weights: dict[str, torch.Tensor]) -> None:
+        fields = {k: v for k, v in config_dict.items() if k in LoraConfig.__dataclass_fields__}
+        # The head is served apart from the LoRA host; other modules_to_save (embeddings, say) stay with PEFT.
+        modules_to_save = [m for m in (fields.get("modules_to_save") or []) if m not in HEAD_MODULES]
+        fields.update(modules_to_save=modules_to_save or None, inference_mode=True, task_type=None)
+        try:
+            config = LoraConfig(**fields)
+        except (TypeError, ValueError) as error:
+            raise AdapterInvalid(f"{name}: LoRA config is invalid: {error}") from error
+        try:
+            if self.peft_model is None:
+                self.peft_model = PeftModel(self._base.model, config, adapter_name=name)
+            else:
+                self.peft_model.add_adapter(name, config)
+        except (ValueError, RuntimeError, KeyError) as error:
+            self._discard(name)
+            raise AdapterInvalid(f"{name}: cannot apply LoRA to this base: {error}") from error
+        try:
+            result = set_peft_model_state_dict(self.peft_model, weights, adapter_name=name)
+        except (RuntimeError, ValueError, KeyError) as error:
+            self._discard(name)
+            raise AdapterInvalid(f"{name}: weights do not fit this base: {error}") from error
+        unexpected = [k for k in result.unexpected_keys if "lora_" in k or "modules_to_save" in k]
+        if unexpected:
+            self._discard(name)
+            raise AdapterInvalid(f"{name}: weights name modules this base lacks: {unexpected[:3]}")
+        self.peft_model.requires_grad_(False)
+        self.peft_model.eval()
+
+    def remove(self, name: str) -> None:
+        self._discard(name)
+
+    def _discard(self, name: str) -> None:
+        if self.peft_model is not None and name in self.peft_model.peft_config:
+            self.peft_model.delete_adapter(name)
+
+
+def load_adapter(info: AdapterInfo, base: BaseModel, lora_host: LoraHost, peft_name: str) -> LoadedAdapter:
+    """Read an adapter folder and make it resident: LoRA into the host, prefix key/values and head computed."""
+    path = Path(info.path)
+    config_dict = read_config(path)
+    weights = read_adapter_weights(path)
+    head_weights, weights = split_head(weights)
+    head = build_head(head_weights, base, info.name) if info.task is Task.CLASSIFICATION else None
+    if info.task is Task.CLASSIFICATION and info.labels is not None and len(info.labels) != head.out_features:
+        raise AdapterInvalid(
+            f"{info.name}: labels.json names {len(info.labels)} labels but the head has {head.out_features} outputs"
+        )
+    if info.kind is AdapterKind.PREFIX_TUNING:
+        prefix = compute_prefix(config_dict, weights, base, info.name)
+        return LoadedAdapter(info=info, head=head, prefix=prefix)
+    lora_host.add(peft_name, config_dict, weights)
+    return LoadedAdapter(info=info, head=head, peft_name=peft_name)

