@@ -76,7 +76,7 @@ class ModelRunner:
         if adapter is not None and adapter.peft_name is not None:
             peft_model.set_adapter(adapter.peft_name)
             yield
-        elif peft_model is not None:
+        elif peft_model is not None and peft_model.peft_config:
             with peft_model.disable_adapter():
                 yield
         else:

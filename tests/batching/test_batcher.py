@@ -1,0 +1,107 @@
+"""The batcher on its own: grouping, batch limits, failure isolation, a full queue."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from service.batching.batcher import Batcher, BatchStats
+from service.errors import QueueFull
+
+
+def _run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def test_groups_by_key_and_keeps_order() -> None:
+    calls: list[tuple[Hashable, list[int]]] = []
+
+    def run_group(key: Hashable, payloads: Sequence[int]) -> list[str]:
+        assert threading.current_thread().name.startswith("model")  # off the event loop
+        calls.append((key, list(payloads)))
+        return [f"{key}:{p}" for p in payloads]
+
+    async def main() -> list[str]:
+        batcher = Batcher(run_group, ThreadPoolExecutor(1, thread_name_prefix="model"), max_batch_size=8,
+                          max_wait_ms=50, max_queue_size=100)
+        batcher.start()
+        results = await asyncio.gather(*(batcher.submit("ab"[i % 2], i) for i in range(6)))
+        await batcher.stop()
+        return results
+
+    assert _run(main()) == [f"{'ab'[i % 2]}:{i}" for i in range(6)]
+    assert sorted(calls) == [("a", [0, 2, 4]), ("b", [1, 3, 5])]
+
+
+def test_respects_max_batch_size() -> None:
+    sizes: list[int] = []
+
+    async def main() -> None:
+        batcher = Batcher(lambda key, payloads: list(payloads), ThreadPoolExecutor(1), max_batch_size=3,
+                          max_wait_ms=20, max_queue_size=100, on_batch=lambda s: sizes.append(s.size))
+        batcher.start()
+        await asyncio.gather(*(batcher.submit("k", i) for i in range(7)))
+        await batcher.stop()
+
+    _run(main())
+    assert max(sizes) <= 3 and sum(sizes) == 7
+
+
+def test_a_failing_group_fails_only_its_requests_and_the_worker_survives() -> None:
+    def run_group(key: Hashable, payloads: Sequence[int]) -> list[object]:
+        if key == "bad":
+            raise RuntimeError("corrupt adapter")
+        return [ValueError("odd") if p % 2 else p for p in payloads]
+
+    async def main() -> list[object]:
+        batcher = Batcher(run_group, ThreadPoolExecutor(1), max_batch_size=8, max_wait_ms=20, max_queue_size=100)
+        batcher.start()
+        first = await asyncio.gather(batcher.submit("bad", 0), batcher.submit("good", 2), batcher.submit("good", 3),
+                                     return_exceptions=True)
+        later = await batcher.submit("good", 4)
+        await batcher.stop()
+        return [*first, later]
+
+    bad, good, odd, later = _run(main())
+    assert isinstance(bad, RuntimeError) and good == 2 and isinstance(odd, ValueError) and later == 4
+
+
+def test_full_queue_refuses_at_once() -> None:
+    release = threading.Event()
+
+    def slow(key: Hashable, payloads: Sequence[int]) -> list[int]:
+        release.wait(5)
+        return list(payloads)
+
+    async def main() -> None:
+        batcher = Batcher(slow, ThreadPoolExecutor(1), max_batch_size=1, max_wait_ms=0, max_queue_size=2)
+        batcher.start()
+        running = [asyncio.create_task(batcher.submit("k", 0))]
+        await asyncio.sleep(0.05)  # the worker holds the first
+        running += [asyncio.create_task(batcher.submit("k", i)) for i in (1, 2)]
+        await asyncio.sleep(0.05)  # two queued: the queue is full
+        with pytest.raises(QueueFull):
+            await batcher.submit("k", 99)
+        release.set()
+        assert await asyncio.gather(*running) == [0, 1, 2]
+        await batcher.stop()
+
+    _run(main())
+
+
+def test_stats_report_queue_wait() -> None:
+    stats: list[BatchStats] = []
+
+    async def main() -> None:
+        batcher = Batcher(lambda k, p: list(p), ThreadPoolExecutor(1), max_batch_size=4, max_wait_ms=30,
+                          max_queue_size=10, on_batch=stats.append)
+        batcher.start()
+        await asyncio.gather(*(batcher.submit("k", i) for i in range(4)))
+        await batcher.stop()
+
+    _run(main())
+    assert sum(s.size for s in stats) == 4 and all(w >= 0 for s in stats for w in s.queue_waits)

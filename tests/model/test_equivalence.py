@@ -1,0 +1,85 @@
+"""The runner's answers equal plain PEFT's for the same adapter and input, for every adapter kind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from service.domain import GenerationParams
+from service.model.runner import GenerationJob, ModelRunner
+from service.store.store import AdapterStore
+
+TEXTS = [
+    "hello world",
+    "this is a much longer sentence with many more tokens than the first one, to make padding matter",
+    "x",
+    "Numbers 1 2 3 and symbols !? mixed in",
+]
+CLASSIFIERS = ["lora-cls", "lora-cls3", "prefix-cls", "prefix-proj-cls"]
+GENERATORS = ["lora-gen", "lora-gen-mlp", "prefix-gen", "prefix-proj-gen"]
+
+
+def _peft_classify(base: Path, adapter: Path, num_labels: int, text: str, tokenizer) -> torch.Tensor:
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=num_labels)
+    model = PeftModel.from_pretrained(model, adapter).eval()
+    with torch.no_grad():
+        return torch.softmax(model(**tokenizer(text, return_tensors="pt")).logits, -1)[0]
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_classification_matches_peft(name: str, runner: ModelRunner, store: AdapterStore, tiny_base: Path,
+                                     tiny_adapters: dict[str, Path]) -> None:
+    info = store.get(name)
+    adapter = runner.load(info)
+    tokenizer = runner.base.tokenizer
+    ours = runner.classify(adapter, [tokenizer(t)["input_ids"] for t in TEXTS])  # one padded batch
+    model = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=len(info.labels)), tiny_adapters[name]
+    ).eval()
+    for text, probabilities in zip(TEXTS, ours):
+        with torch.no_grad():
+            expected = torch.softmax(model(**tokenizer(text, return_tensors="pt")).logits, -1)[0]
+        assert torch.allclose(torch.tensor(probabilities), expected, atol=1e-4), (name, text)
+    runner.unload(adapter)
+
+
+@pytest.mark.parametrize("name", GENERATORS + [None])
+def test_greedy_generation_matches_peft(name: str | None, runner: ModelRunner, store: AdapterStore,
+                                        tiny_base: Path, tiny_adapters: dict[str, Path]) -> None:
+    adapter = None if name is None else runner.load(store.get(name))
+    tokenizer = runner.base.tokenizer
+    lengths = [3, 12, 7, 16]
+    jobs = [GenerationJob(GenerationParams(prompt=t, max_new_tokens=n), tokenizer(t)["input_ids"])
+            for t, n in zip(TEXTS, lengths)]
+    ours = runner.generate(adapter, jobs)  # one batch, rows of different prompt and output lengths
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    if name is not None:
+        model = PeftModel.from_pretrained(model, tiny_adapters[name])
+    model.eval()
+    for text, n, generation in zip(TEXTS, lengths, ours):
+        encoded = tokenizer(text, return_tensors="pt")
+        output = model.generate(**encoded, max_new_tokens=n, do_sample=False)
+        new = output[0][encoded["input_ids"].shape[1]:]
+        assert generation.text == tokenizer.decode(new, skip_special_tokens=True), (name, text)
+        assert generation.generated_tokens == len(new)
+    if adapter is not None:
+        runner.unload(adapter)
+
+
+def test_lora_and_prefix_coexist_without_leaking(runner: ModelRunner, store: AdapterStore) -> None:
+    """Prefix rows run with LoRA off even while a LoRA adapter is resident and was last active."""
+    tokenizer = runner.base.tokenizer
+    prefix = runner.load(store.get("prefix-gen"))
+    job = [GenerationJob(GenerationParams(prompt="hello", max_new_tokens=8), tokenizer("hello")["input_ids"])]
+    alone = runner.generate(prefix, job)[0].text
+    lora = runner.load(store.get("lora-gen"))
+    runner.generate(lora, job)
+    assert runner.generate(prefix, job)[0].text == alone
+    base_alone = runner.generate(None, job)[0].text
+    runner.unload(lora)
+    assert runner.generate(None, job)[0].text == base_alone
+    runner.unload(prefix)
