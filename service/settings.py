@@ -42,14 +42,17 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(
         default=None, description="Bearer token for admin routes. Unset: admin routes are refused."
     )
-    max_batch_size: int = Field(default=32, ge=1, le=1024)
-    max_wait_ms: float = Field(default=5.0, ge=0.0, le=10_000.0)
-    max_queue_size: int = Field(default=1024, ge=1)
-    max_inputs_per_request: int = Field(default=64, ge=1)
-    max_input_tokens: int = Field(default=2048, ge=1)
-    max_new_tokens_limit: int = Field(default=1024, ge=1)
-    max_stop_strings: int = Field(default=8, ge=0)
-    max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
+    max_batch_size: int = Field(default=32, ge=1, le=1024, description="Requests (rows) per model batch.")
+    max_wait_ms: float = Field(
+        default=5.0, ge=0.0, le=10_000.0, description="How long the batcher waits to fill a batch."
+    )
+    max_queue_size: int = Field(default=1024, ge=1, description="Queued requests before 429 + Retry-After.")
+    max_inputs_per_request: int = Field(default=64, ge=1, description="Texts in one classify request.")
+    max_input_tokens: int = Field(default=2048, ge=1, description="Tokens in one input or prompt.")
+    max_new_tokens_limit: int = Field(default=1024, ge=1, description="Largest max_new_tokens accepted.")
+    max_stop_strings: int = Field(default=8, ge=0, description="Stop strings per request (256 chars each).")
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1, description="Cap on an upload's size (413).")
+    max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1, description="Cap on other request bodies (413).")
     max_unpacked_bytes: int = Field(default=2 * 1024**3, ge=1, description="Cap on an upload's unpacked size.")
     metrics_max_adapter_labels: int = Field(
         default=100, ge=0, description="Adapters named in metric labels; the rest count as '__other__'."

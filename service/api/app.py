@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 
-from service.api.errors import install_error_handlers
+from service.api.errors import error_response, install_error_handlers
 from service.api.routes import adapters, health, inference
 from service.api.state import AppState
 from service.inference import InferenceService
@@ -44,6 +44,20 @@ async def _boot(state: AppState) -> None:
     except Exception as error:
         logger.exception("start-up failed")
         state.phase, state.message = "failed", str(error)
+
+
+def _too_large(request: Request, settings: Settings) -> Response | None:
+    """Refuse a body by its declared length before reading it."""
+    declared = request.headers.get("content-length", "")
+    if not declared.isdigit():
+        return None
+    upload = request.method == "POST" and request.url.path.rstrip("/") == "/v1/adapters"
+    # Multipart framing adds a little around the archive itself.
+    limit = settings.max_upload_bytes + 64 * 1024 if upload else settings.max_request_bytes
+    if int(declared) <= limit:
+        return None
+    return error_response(413, "UploadTooLarge" if upload else "RequestTooLarge",
+                          f"the request body is {declared} bytes; the limit is {limit}")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -82,7 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.middleware("http")
     async def record(request: Request, call_next) -> Response:
         started = time.perf_counter()
-        response = await call_next(request)
+        response = _too_large(request, settings) or await call_next(request)
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
         if path != "/metrics":

@@ -85,6 +85,7 @@ class ModelRunner:
     # -- tokenization ---------------------------------------------------------------------------------------------
 
     def encode_text(self, text: str, limit: int, what: str = "input") -> list[int]:
+        limit = min(limit, self.max_positions)
         ids = self.base.tokenizer(text)["input_ids"]
         if not ids:
             raise InvalidRequest(f"{what} is empty after tokenization")

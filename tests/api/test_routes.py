@@ -155,3 +155,17 @@ def test_upload_refusals_leave_store_unchanged(client: TestClient, store_copy: P
     assert bad_name.status_code == 422
     assert sorted(p.name for p in store_copy.iterdir()) == before
     assert client.get("/ready").status_code == 200
+
+
+def test_oversized_bodies_get_413(client: TestClient) -> None:
+    huge = "word " * 1_000_000
+    response = client.post("/v1/classify", json={"adapter": "lora-cls", "inputs": huge})
+    assert response.status_code == 413 and "limit" in response.json()["message"]
+    assert client.get("/ready").status_code == 200
+
+
+def test_too_many_tokens_names_the_input_and_limit(client: TestClient) -> None:
+    long_text = "token " * 3000
+    response = client.post("/v1/classify", json={"adapter": "lora-cls", "inputs": ["short", long_text]})
+    assert response.status_code == 422
+    assert "input 1" in response.json()["message"] and "2048" in response.json()["message"]
