@@ -29,7 +29,11 @@ def main(argv: list[str] | None = None) -> None:
     }
     settings = Settings(**overrides)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    # On SIGTERM uvicorn stops accepting, lets running requests finish, then runs the lifespan shutdown.
+    uvicorn.run(
+        create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+    )
 
 
 if __name__ == "__main__":

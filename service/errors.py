@@ -43,5 +43,9 @@ class QueueFull(ServiceError):
     """The request queue is at capacity; the client should retry later."""
 
 
+class DeadlineExceeded(ServiceError):
+    """A request outlived its deadline; its queued work is dropped."""
+
+
 class NotReady(ServiceError):
     """The service is starting or shutting down."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from service.batching.batcher import Batcher, BatchStats
 from service.domain import AdapterInfo, Classification, Generation, GenerationParams, Task
-from service.errors import InvalidRequest, WrongTask
+from service.errors import DeadlineExceeded, InvalidRequest, WrongTask
 from service.metrics import Metrics
 from service.model.resident import ResidentAdapters
 from service.model.runner import GenerationJob, ModelRunner
@@ -123,17 +123,31 @@ class InferenceService:
             for index, text in enumerate(texts)
         ]
         key = GroupKey(info.name, info.sha256, Task.CLASSIFICATION)
-        return await self.batcher.submit(key, _ClassifyPayload(info, inputs))
+        return await self._submit(key, _ClassifyPayload(info, inputs))
 
     async def generate(self, adapter: str | None, params: GenerationParams) -> Generation:
         info = await self.adapter_for(adapter, Task.GENERATION)
         prompt_ids = self.runner.encode_prompt(params, self.settings.max_input_tokens)
         key = GroupKey(adapter, None if info is None else info.sha256, Task.GENERATION)
-        generation = await self.batcher.submit(key, _GeneratePayload(info, GenerationJob(params, prompt_ids)))
+        job = GenerationJob(params, prompt_ids)
+        try:
+            generation = await self._submit(key, _GeneratePayload(info, job))
+        except (DeadlineExceeded, asyncio.CancelledError):
+            job.cancelled.set()  # frees its row at the next decode step
+            raise
         self.metrics.generated_tokens.labels(adapter=self.metrics.adapter_label(adapter)).inc(
             generation.generated_tokens
         )
         return generation
+
+    async def _submit(self, key: GroupKey, payload: object):
+        """Queue with a deadline; a request cancelled before its batch starts is skipped by the batcher."""
+        try:
+            return await asyncio.wait_for(self.batcher.submit(key, payload), self.settings.request_timeout_s)
+        except asyncio.TimeoutError as error:
+            raise DeadlineExceeded(
+                f"the request took longer than {self.settings.request_timeout_s:g} s; retry, or ask for less"
+            ) from error
 
     # -- worker thread --------------------------------------------------------------------------------------------
 

@@ -47,6 +47,12 @@ class Settings(BaseSettings):
         default=5.0, ge=0.0, le=10_000.0, description="How long the batcher waits to fill a batch."
     )
     max_queue_size: int = Field(default=1024, ge=1, description="Queued requests before 429 + Retry-After.")
+    request_timeout_s: float = Field(
+        default=120.0, gt=0, description="Deadline per inference request (504 past it; its queued work is dropped)."
+    )
+    shutdown_timeout_s: float = Field(
+        default=30.0, ge=0, description="On SIGTERM, how long running requests may take to finish."
+    )
     max_inputs_per_request: int = Field(default=64, ge=1, description="Texts in one classify request.")
     max_input_tokens: int = Field(default=2048, ge=1, description="Tokens in one input or prompt.")
     max_new_tokens_limit: int = Field(default=1024, ge=1, description="Largest max_new_tokens accepted.")

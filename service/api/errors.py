@@ -18,6 +18,7 @@ STATUS: dict[type[errors.ServiceError], int] = {
     errors.WrongTask: 422,
     errors.InvalidRequest: 422,
     errors.QueueFull: 429,
+    errors.DeadlineExceeded: 504,
     errors.NotReady: 503,
 }
 

@@ -6,6 +6,7 @@ Everything here runs on one worker thread (the batcher's executor), so adapter l
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ class GenerationJob:
 
     params: GenerationParams
     prompt_ids: list[int]
+    cancelled: threading.Event = field(default_factory=threading.Event)  # set when its client is gone
 
 
 @dataclass
@@ -207,6 +209,9 @@ class ModelRunner:
     def _advance(self, row: _Row, token: int) -> bool:
         """Append a token to a row; True when the row is finished."""
         params = row.job.params
+        if row.job.cancelled.is_set():
+            row.finish_reason = "cancelled"
+            return True
         if token in self.eos_token_ids:
             row.generated.append(token)
             row.finish_reason = "eos"

@@ -169,3 +169,15 @@ def test_too_many_tokens_names_the_input_and_limit(client: TestClient) -> None:
     response = client.post("/v1/classify", json={"adapter": "lora-cls", "inputs": ["short", long_text]})
     assert response.status_code == 422
     assert "input 1" in response.json()["message"] and "2048" in response.json()["message"]
+
+
+def test_deadline_gives_504_and_server_carries_on(tiny_base: Path, store_copy: Path) -> None:
+    from service.api.app import create_app
+    from tests.api.conftest import tiny_settings, wait_ready
+
+    app = create_app(tiny_settings(store_copy, base_model=str(tiny_base), request_timeout_s=0.05))
+    with TestClient(app) as client:
+        wait_ready(client)
+        slow = client.post("/v1/generate", json={"prompt": "Hello", "max_new_tokens": 200})
+        assert slow.status_code == 504 and "longer than" in slow.json()["message"]
+        assert client.get("/ready").status_code == 200
