@@ -23,7 +23,8 @@ from service.store.store import AdapterStore
 
 @dataclass(frozen=True)
 class GroupKey:
-    """Requests batch together when they share adapter (and its content version) and task."""
+    """Requests batch together when they share this key: the task alone when batching is mixed, else also the
+    adapter and its content version."""
 
     adapter: str | None
     version: str | None
@@ -122,13 +123,13 @@ class InferenceService:
             self.runner.encode_text(text, limit, f"input {index}" if len(texts) > 1 else "input")
             for index, text in enumerate(texts)
         ]
-        key = GroupKey(info.name, info.sha256, Task.CLASSIFICATION)
+        key = self._key(info, Task.CLASSIFICATION)
         return await self._submit(key, _ClassifyPayload(info, inputs))
 
     async def generate(self, adapter: str | None, params: GenerationParams) -> Generation:
         info = await self.adapter_for(adapter, Task.GENERATION)
         prompt_ids = self.runner.encode_prompt(params, self.settings.max_input_tokens)
-        key = GroupKey(adapter, None if info is None else info.sha256, Task.GENERATION)
+        key = self._key(info, Task.GENERATION)
         job = GenerationJob(params, prompt_ids)
         try:
             generation = await self._submit(key, _GeneratePayload(info, job))
@@ -139,6 +140,11 @@ class InferenceService:
             generation.generated_tokens
         )
         return generation
+
+    def _key(self, info: AdapterInfo | None, task: Task) -> GroupKey:
+        if self.settings.batching == "mixed" or info is None:
+            return GroupKey(None, None, task)
+        return GroupKey(info.name, info.sha256, task)
 
     async def _submit(self, key: GroupKey, payload: object):
         """Queue with a deadline; a request cancelled before its batch starts is skipped by the batcher."""
@@ -157,27 +163,49 @@ class InferenceService:
             return self._classify_group(payloads)
         return self._generate_group(payloads)
 
-    def _classify_group(self, payloads: Sequence[_ClassifyPayload]) -> list[list[Classification]]:
-        info = payloads[0].info
-        adapter = self.resident.acquire(info)
-        rows = [ids for payload in payloads for ids in payload.inputs]
+    def _acquire_each(self, infos: Sequence[AdapterInfo | None]) -> tuple[list, dict[int, Exception]]:
+        """Load each request's adapter; one that fails to load fails its own request, not the batch."""
+        failures: dict[int, Exception] = {}
+        for index, info in enumerate(infos):
+            if info is not None:
+                try:
+                    self.resident.acquire(info, protect={i.name for i in infos if i is not None})
+                except Exception as error:  # corrupt or vanished files: that request's error alone
+                    failures[index] = error
+        healthy = [info for index, info in enumerate(infos) if index not in failures]
+        adapters = iter(self.resident.acquire_all(healthy))
+        return [None if index in failures else next(adapters) for index in range(len(infos))], failures
+
+    def _classify_group(self, payloads: Sequence[_ClassifyPayload]) -> list:
+        adapters, failures = self._acquire_each([payload.info for payload in payloads])
+        rows = [
+            (adapter, ids)
+            for index, (adapter, payload) in enumerate(zip(adapters, payloads)) if index not in failures
+            for ids in payload.inputs
+        ]
         step = self.settings.max_batch_size
         probabilities: list[list[float]] = []
         for start in range(0, len(rows), step):
-            probabilities += self.runner.classify(adapter, rows[start:start + step])
-        labels = info.labels or []
-        results: list[list[Classification]] = []
+            chunk = rows[start:start + step]
+            probabilities += self.runner.classify([a for a, _ in chunk], [ids for _, ids in chunk])
+        results: list = []
         cursor = 0
-        for payload in payloads:
+        for index, payload in enumerate(payloads):
+            if index in failures:
+                results.append(failures[index])
+                continue
             mine = probabilities[cursor:cursor + len(payload.inputs)]
             cursor += len(payload.inputs)
-            results.append([_classification(labels, probs) for probs in mine])
+            results.append([_classification(payload.info.labels or [], probs) for probs in mine])
         return results
 
-    def _generate_group(self, payloads: Sequence[_GeneratePayload]) -> list[Generation]:
-        info = payloads[0].info
-        adapter = None if info is None else self.resident.acquire(info)
-        return self.runner.generate(adapter, [payload.job for payload in payloads])
+    def _generate_group(self, payloads: Sequence[_GeneratePayload]) -> list:
+        adapters, failures = self._acquire_each([payload.info for payload in payloads])
+        healthy = [index for index in range(len(payloads)) if index not in failures]
+        generations = iter(
+            self.runner.generate([adapters[i] for i in healthy], [payloads[i].job for i in healthy]) if healthy else []
+        )
+        return [failures[index] if index in failures else next(generations) for index in range(len(payloads))]
 
 
 def _classification(labels: list[str], probabilities: list[float]) -> Classification:

@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(
         default=None, description="Bearer token for admin routes. Unset: admin routes are refused."
     )
+    batching: Literal["mixed", "grouped"] = Field(
+        default="mixed",
+        description="'mixed': rows of any adapters and kinds share one forward pass; 'grouped': one batch per adapter.",
+    )
     max_batch_size: int = Field(default=32, ge=1, le=1024, description="Requests (rows) per model batch.")
     max_wait_ms: float = Field(
         default=5.0, ge=0.0, le=10_000.0, description="How long the batcher waits to fill a batch."

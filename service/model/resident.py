@@ -42,14 +42,23 @@ class ResidentAdapters:
         adapter = self._loaded.get(name)
         return None if adapter is None else adapter.info.sha256
 
-    def acquire(self, info: AdapterInfo) -> LoadedAdapter:
+    def acquire_all(self, infos: list[AdapterInfo | None]) -> list[LoadedAdapter | None]:
+        """Load what a batch needs; none of the batch's own adapters is evicted to make room for another."""
+        protect = {info.name for info in infos if info is not None}
+        loaded: dict[str, LoadedAdapter] = {}
+        for info in infos:
+            if info is not None and info.name not in loaded:
+                loaded[info.name] = self.acquire(info, protect)
+        return [None if info is None else loaded[info.name] for info in infos]
+
+    def acquire(self, info: AdapterInfo, protect: set[str] | None = None) -> LoadedAdapter:
         adapter = self._loaded.get(info.name)
         if adapter is not None and adapter.info.sha256 == info.sha256:
             self._loaded.move_to_end(info.name)
             return adapter
         if adapter is not None:
             self.drop(info.name)
-        self._make_room()
+        self._make_room(protect or set())
         started = time.perf_counter()
         try:
             adapter = self._runner.load(info)
@@ -67,10 +76,10 @@ class ResidentAdapters:
             self._runner.unload(adapter)
             self._on_change(len(self._loaded))
 
-    def _make_room(self) -> None:
+    def _make_room(self, protect: set[str]) -> None:
         while len(self._loaded) >= self._max_loaded:
-            victim = next((name for name in self._loaded if name not in self._pinned), None)
+            victim = next((n for n in self._loaded if n not in self._pinned and n not in protect), None)
             if victim is None:
-                return  # everything resident is pinned: allow going over rather than refusing service
+                return  # everything resident is pinned or in this batch: go over rather than refuse service
             logger.info("evicting adapter %s", victim)
             self.drop(victim)

@@ -72,17 +72,25 @@ class ModelRunner:
             self.lora_host.remove(adapter.peft_name)
 
     @contextmanager
-    def _adapter_scope(self, adapter: LoadedAdapter | None) -> Iterator[None]:
-        """Route the batch through one LoRA adapter, or keep every LoRA layer off (base and prefix rows)."""
+    def _lora_routing(self, adapters: Sequence[LoadedAdapter | None]) -> Iterator[None]:
+        """Route each row through its own LoRA adapter, or none (base and prefix rows).
+
+        One adapter for the whole batch uses ``set_adapter``; a mix uses PEFT's per-row ``adapter_names`` with
+        ``__base__`` for rows that must run with LoRA off.
+        """
         peft_model = self.lora_host.peft_model
-        if adapter is not None and adapter.peft_name is not None:
-            peft_model.set_adapter(adapter.peft_name)
+        names = [a.peft_name if a is not None and a.peft_name is not None else None for a in adapters]
+        if peft_model is None or not peft_model.peft_config:
             yield
-        elif peft_model is not None and peft_model.peft_config:
+        elif len(set(names)) > 1:
+            with peft_model.base_model._enable_peft_forward_hooks(adapter_names=[n or "__base__" for n in names]):
+                yield
+        elif names[0] is not None:
+            peft_model.set_adapter(names[0])
+            yield
+        else:
             with peft_model.disable_adapter():
                 yield
-        else:
-            yield
 
     # -- tokenization ---------------------------------------------------------------------------------------------
 
@@ -111,8 +119,8 @@ class ModelRunner:
 
     # -- batches --------------------------------------------------------------------------------------------------
 
-    def _pad(self, sequences: Sequence[Sequence[int]], offset: int) -> tuple[torch.Tensor, ...]:
-        """Left-pad so every row's last token is at -1; positions count real tokens only, after the prefix."""
+    def _pad(self, sequences: Sequence[Sequence[int]], offsets: Sequence[int]) -> tuple[torch.Tensor, ...]:
+        """Left-pad so every row's last token is at -1; positions count real tokens only, after the row's prefix."""
         width = max(len(s) for s in sequences)
         device = self.base.device
         ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long, device=device)
@@ -120,13 +128,35 @@ class ModelRunner:
         for row, sequence in enumerate(sequences):
             ids[row, width - len(sequence):] = torch.tensor(sequence, dtype=torch.long, device=device)
             mask[row, width - len(sequence):] = 1
+        offset = torch.tensor(offsets, dtype=torch.long, device=device).unsqueeze(1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0) + offset
         return ids, mask, positions
 
-    def _prefix_cache(self, adapter: LoadedAdapter | None, batch: int) -> DynamicCache | None:
-        if adapter is None or adapter.prefix is None:
-            return DynamicCache()
-        return DynamicCache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in adapter.prefix])
+    def _prefix_cache(self, adapters: Sequence[LoadedAdapter | None]) -> tuple[DynamicCache, torch.Tensor]:
+        """The rows' prefixes as one cache, each left-padded to the longest, and the mask over those slots."""
+        lengths = [0 if a is None else a.num_virtual_tokens for a in adapters]
+        longest = max(lengths)
+        batch = len(adapters)
+        mask = torch.zeros((batch, longest), dtype=torch.long, device=self.base.device)
+        if longest == 0:
+            return DynamicCache(), mask
+        first = next(a for a in adapters if a is not None and a.prefix is not None)
+        if all(a is first for a in adapters):  # one prefix for all rows: no copies
+            mask[:] = 1
+            return DynamicCache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in first.prefix]), mask
+        layers = []
+        for layer, (key, value) in enumerate(first.prefix):
+            keys = key.new_zeros((batch, key.shape[1], longest, key.shape[3]))
+            values = torch.zeros_like(keys)
+            for row, adapter in enumerate(adapters):
+                if lengths[row]:
+                    row_key, row_value = adapter.prefix[layer]
+                    keys[row, :, longest - lengths[row]:] = row_key[0]
+                    values[row, :, longest - lengths[row]:] = row_value[0]
+            layers.append((keys, values))
+        for row, length in enumerate(lengths):
+            mask[row, longest - length:] = 1 if length else 0
+        return DynamicCache(layers), mask
 
     def _backbone(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache | None
@@ -137,34 +167,46 @@ class ModelRunner:
         )
         return output.last_hidden_state[:, -1]
 
-    def _with_prefix_mask(self, adapter: LoadedAdapter | None, mask: torch.Tensor) -> torch.Tensor:
-        virtual = 0 if adapter is None else adapter.num_virtual_tokens
-        if not virtual:
-            return mask
-        return torch.cat([mask.new_ones(mask.shape[0], virtual), mask], dim=1)
+    def _start(
+        self, adapters: Sequence[LoadedAdapter | None], sequences: Sequence[Sequence[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache]:
+        """Padded ids, the mask over prefix slots and tokens, positions, and the prefix cache for a batch."""
+        offsets = [0 if a is None else a.num_virtual_tokens for a in adapters]
+        ids, mask, positions = self._pad(sequences, offsets)
+        cache, prefix_mask = self._prefix_cache(adapters)
+        return ids, torch.cat([prefix_mask, mask], dim=1), positions, cache
 
-    def classify(self, adapter: LoadedAdapter, inputs: Sequence[Sequence[int]]) -> list[list[float]]:
-        """Class probabilities per input: the adapter's head on the last real token's hidden state."""
-        assert adapter.head is not None
-        with torch.inference_mode(), self._adapter_scope(adapter):
-            ids, mask, positions = self._pad(inputs, adapter.num_virtual_tokens)
-            cache = self._prefix_cache(adapter, len(inputs))
-            hidden = self._backbone(ids, self._with_prefix_mask(adapter, mask), positions, cache)
-            logits = adapter.head(hidden).float()
-            return torch.softmax(logits, dim=-1).tolist()
+    def classify(
+        self, adapters: Sequence[LoadedAdapter], inputs: Sequence[Sequence[int]]
+    ) -> list[list[float]]:
+        """Class probabilities per input: each row's own adapter and head on its last real token."""
+        with torch.inference_mode(), self._lora_routing(adapters):
+            ids, mask, positions, cache = self._start(adapters, inputs)
+            hidden = self._backbone(ids, mask, positions, cache)
+            probabilities: list[list[float]] = [[] for _ in adapters]
+            heads: dict[int, list[int]] = {}
+            for row, adapter in enumerate(adapters):
+                heads.setdefault(id(adapter), []).append(row)
+            for rows in heads.values():
+                head = adapters[rows[0]].head
+                assert head is not None
+                logits = head(hidden[rows]).float()
+                for row, values in zip(rows, torch.softmax(logits, dim=-1).tolist()):
+                    probabilities[row] = values
+            return probabilities
 
-    def generate(self, adapter: LoadedAdapter | None, jobs: Sequence[GenerationJob]) -> list[Generation]:
+    def generate(
+        self, adapters: Sequence[LoadedAdapter | None], jobs: Sequence[GenerationJob]
+    ) -> list[Generation]:
         """Decode a batch to completion; finished rows leave the batch so the rest run on fewer rows."""
         rows = [_Row(job=job, generator=_generator(job.params.seed, self.base.device)) for job in jobs]
-        virtual = 0 if adapter is None else adapter.num_virtual_tokens
         lm_head = self.base.model.get_output_embeddings()
-        with torch.inference_mode(), self._adapter_scope(adapter):
-            ids, mask, positions = self._pad([job.prompt_ids for job in jobs], virtual)
-            cache = self._prefix_cache(adapter, len(jobs))
-            mask = self._with_prefix_mask(adapter, mask)
+        with torch.inference_mode():
+            ids, mask, positions, cache = self._start(adapters, [job.prompt_ids for job in jobs])
             active = list(range(len(rows)))
             while True:
-                logits = lm_head(self._backbone(ids, mask, positions, cache)).float()
+                with self._lora_routing([adapters[i] for i in active]):
+                    logits = lm_head(self._backbone(ids, mask, positions, cache)).float()
                 tokens = self._sample(logits, [rows[i] for i in active])
                 still = [slot for slot, i in enumerate(active) if not self._advance(rows[i], tokens[slot])]
                 if not still:

@@ -36,7 +36,7 @@ def test_classification_matches_peft(name: str, runner: ModelRunner, store: Adap
     info = store.get(name)
     adapter = runner.load(info)
     tokenizer = runner.base.tokenizer
-    ours = runner.classify(adapter, [tokenizer(t)["input_ids"] for t in TEXTS])  # one padded batch
+    ours = runner.classify([adapter] * len(TEXTS), [tokenizer(t)["input_ids"] for t in TEXTS])  # one padded batch
     model = PeftModel.from_pretrained(
         AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=len(info.labels)), tiny_adapters[name]
     ).eval()
@@ -55,7 +55,7 @@ def test_greedy_generation_matches_peft(name: str | None, runner: ModelRunner, s
     lengths = [3, 12, 7, 16]
     jobs = [GenerationJob(GenerationParams(prompt=t, max_new_tokens=n), tokenizer(t)["input_ids"])
             for t, n in zip(TEXTS, lengths)]
-    ours = runner.generate(adapter, jobs)  # one batch, rows of different prompt and output lengths
+    ours = runner.generate([adapter] * len(jobs), jobs)  # one batch, rows of different prompt and output lengths
     model = AutoModelForCausalLM.from_pretrained(tiny_base)
     if name is not None:
         model = PeftModel.from_pretrained(model, tiny_adapters[name])
@@ -75,11 +75,11 @@ def test_lora_and_prefix_coexist_without_leaking(runner: ModelRunner, store: Ada
     tokenizer = runner.base.tokenizer
     prefix = runner.load(store.get("prefix-gen"))
     job = [GenerationJob(GenerationParams(prompt="hello", max_new_tokens=8), tokenizer("hello")["input_ids"])]
-    alone = runner.generate(prefix, job)[0].text
+    alone = runner.generate([prefix], job)[0].text
     lora = runner.load(store.get("lora-gen"))
-    runner.generate(lora, job)
-    assert runner.generate(prefix, job)[0].text == alone
-    base_alone = runner.generate(None, job)[0].text
+    runner.generate([lora], job)
+    assert runner.generate([prefix], job)[0].text == alone
+    base_alone = runner.generate([None], job)[0].text
     runner.unload(lora)
-    assert runner.generate(None, job)[0].text == base_alone
+    assert runner.generate([None], job)[0].text == base_alone
     runner.unload(prefix)

@@ -1,0 +1,67 @@
+"""Rows of different adapters and kinds in one forward pass give each row its single-request PEFT answer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from service.domain import GenerationParams
+from service.model.runner import GenerationJob, ModelRunner
+from service.store.store import AdapterStore
+
+CLASSIFY_ROWS = [
+    ("lora-cls", "hello world"),
+    ("prefix-cls", "a much longer input that needs padding in the batch for sure"),
+    ("lora-cls3", "x"),
+    ("prefix-proj-cls", "symbols !? and 1 2 3"),
+    ("lora-cls", "another one for the same adapter"),
+]
+GENERATE_ROWS = [
+    ("lora-gen", "hello world", 6),
+    ("prefix-gen", "a much longer prompt so that the rows have different lengths", 12),
+    (None, "base row", 9),
+    ("lora-gen-mlp", "x", 4),
+    ("prefix-proj-gen", "prefix with projection", 10),
+    ("lora-gen", "same adapter twice", 8),
+]
+
+
+def test_mixed_classification_batch(runner: ModelRunner, store: AdapterStore, tiny_base: Path,
+                                    tiny_adapters: dict[str, Path]) -> None:
+    tokenizer = runner.base.tokenizer
+    loaded = {name: runner.load(store.get(name)) for name, _ in CLASSIFY_ROWS}
+    got = runner.classify([loaded[n] for n, _ in CLASSIFY_ROWS], [tokenizer(t)["input_ids"] for _, t in CLASSIFY_ROWS])
+    for (name, text), probabilities in zip(CLASSIFY_ROWS, got):
+        info = store.get(name)
+        model = PeftModel.from_pretrained(
+            AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=len(info.labels)),
+            tiny_adapters[name],
+        ).eval()
+        with torch.no_grad():
+            expected = torch.softmax(model(**tokenizer(text, return_tensors="pt")).logits, -1)[0]
+        assert torch.allclose(torch.tensor(probabilities), expected, atol=1e-4), name
+    for adapter in loaded.values():
+        runner.unload(adapter)
+
+
+def test_mixed_generation_batch(runner: ModelRunner, store: AdapterStore, tiny_base: Path,
+                                tiny_adapters: dict[str, Path]) -> None:
+    tokenizer = runner.base.tokenizer
+    loaded = {name: runner.load(store.get(name)) for name, _, _ in GENERATE_ROWS if name}
+    jobs = [GenerationJob(GenerationParams(prompt=p, max_new_tokens=n), tokenizer(p)["input_ids"])
+            for _, p, n in GENERATE_ROWS]
+    got = runner.generate([loaded.get(name) for name, _, _ in GENERATE_ROWS], jobs)
+    for (name, prompt, n), generation in zip(GENERATE_ROWS, got):
+        model = AutoModelForCausalLM.from_pretrained(tiny_base)
+        if name is not None:
+            model = PeftModel.from_pretrained(model, tiny_adapters[name])
+        encoded = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            output = model.eval().generate(**encoded, max_new_tokens=n, do_sample=False)
+        expected = tokenizer.decode(output[0][encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert generation.text == expected, name
+    for adapter in loaded.values():
+        runner.unload(adapter)
