@@ -15,6 +15,7 @@ from service.batching.batcher import Batcher, BatchStats
 from service.domain import AdapterInfo, Classification, Generation, GenerationParams, Task
 from service.errors import DeadlineExceeded, InvalidRequest, WrongTask
 from service.metrics import Metrics
+from service.model.engine import generate
 from service.model.resident import ResidentAdapters
 from service.model.runner import GenerationJob, ModelRunner
 from service.settings import Settings
@@ -203,7 +204,7 @@ class InferenceService:
         adapters, failures = self._acquire_each([payload.info for payload in payloads])
         healthy = [index for index in range(len(payloads)) if index not in failures]
         generations = iter(
-            self.runner.generate([adapters[i] for i in healthy], [payloads[i].job for i in healthy]) if healthy else []
+            generate(self.runner, [adapters[i] for i in healthy], [payloads[i].job for i in healthy]) if healthy else []
         )
         return [failures[index] if index in failures else next(generations) for index in range(len(payloads))]
 

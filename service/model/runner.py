@@ -10,11 +10,12 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from transformers import DynamicCache
 
-from service.domain import AdapterInfo, Generation, GenerationParams
+from service.domain import AdapterInfo, GenerationParams
 from service.errors import InvalidRequest
 from service.model.adapters import LoadedAdapter, LoraHost, load_adapter
 from service.model.loading import BaseModel
@@ -29,13 +30,12 @@ class GenerationJob:
     cancelled: threading.Event = field(default_factory=threading.Event)  # set when its client is gone
 
 
-@dataclass
-class _Row:
+class DecodingRow(Protocol):
+    """What ``advance`` needs of a sequence being decoded."""
+
     job: GenerationJob
-    generator: torch.Generator | None
-    generated: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
+    generated: list[int]
+    text: str
 
 
 class ModelRunner:
@@ -72,7 +72,7 @@ class ModelRunner:
             self.lora_host.remove(adapter.peft_name)
 
     @contextmanager
-    def _lora_routing(self, adapters: Sequence[LoadedAdapter | None]) -> Iterator[None]:
+    def lora_routing(self, adapters: Sequence[LoadedAdapter | None]) -> Iterator[None]:
         """Route each row through its own LoRA adapter, or none (base and prefix rows).
 
         One adapter for the whole batch uses ``set_adapter``; a mix uses PEFT's per-row ``adapter_names`` with
@@ -167,7 +167,7 @@ class ModelRunner:
         )
         return output.last_hidden_state[:, -1]
 
-    def _start(
+    def start(
         self, adapters: Sequence[LoadedAdapter | None], sequences: Sequence[Sequence[int]]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache]:
         """Padded ids, the mask over prefix slots and tokens, positions, and the prefix cache for a batch."""
@@ -180,8 +180,8 @@ class ModelRunner:
         self, adapters: Sequence[LoadedAdapter], inputs: Sequence[Sequence[int]]
     ) -> list[list[float]]:
         """Class probabilities per input: each row's own adapter and head on its last real token."""
-        with torch.inference_mode(), self._lora_routing(adapters):
-            ids, mask, positions, cache = self._start(adapters, inputs)
+        with torch.inference_mode(), self.lora_routing(adapters):
+            ids, mask, positions, cache = self.start(adapters, inputs)
             hidden = self._backbone(ids, mask, positions, cache)
             probabilities: list[list[float]] = [[] for _ in adapters]
             heads: dict[int, list[int]] = {}
@@ -195,46 +195,19 @@ class ModelRunner:
                     probabilities[row] = values
             return probabilities
 
-    def generate(
-        self, adapters: Sequence[LoadedAdapter | None], jobs: Sequence[GenerationJob]
-    ) -> list[Generation]:
-        """Decode a batch to completion; finished rows leave the batch so the rest run on fewer rows."""
-        rows = [_Row(job=job, generator=_generator(job.params.seed, self.base.device)) for job in jobs]
-        lm_head = self.base.model.get_output_embeddings()
-        with torch.inference_mode():
-            ids, mask, positions, cache = self._start(adapters, [job.prompt_ids for job in jobs])
-            active = list(range(len(rows)))
-            while True:
-                with self._lora_routing([adapters[i] for i in active]):
-                    logits = lm_head(self._backbone(ids, mask, positions, cache)).float()
-                tokens = self._sample(logits, [rows[i] for i in active])
-                still = [slot for slot, i in enumerate(active) if not self._advance(rows[i], tokens[slot])]
-                if not still:
-                    break
-                positions = positions[:, -1:] + 1
-                if len(still) < len(active):
-                    keep = torch.tensor(still, device=self.base.device)
-                    cache.batch_select_indices(keep)
-                    mask, positions = mask[keep], positions[keep]
-                    tokens = [tokens[slot] for slot in still]
-                    active = [active[slot] for slot in still]
-                ids = torch.tensor(tokens, device=self.base.device).unsqueeze(1)
-                mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-        return [
-            Generation(
-                text=row.text,
-                generated_tokens=len(row.generated),
-                prompt_tokens=len(row.job.prompt_ids),
-                finish_reason=row.finish_reason or "length",
-            )
-            for row in rows
-        ]
+    def logits(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
+    ) -> torch.Tensor:
+        """Next-token logits of each row (its last position); the cache grows by the given ids."""
+        return self.base.model.get_output_embeddings()(self._backbone(ids, mask, positions, cache))
 
-    def _sample(self, logits: torch.Tensor, rows: Sequence[_Row]) -> list[int]:
+    def sample(
+        self, logits: torch.Tensor, rows: Sequence[tuple[GenerationParams, torch.Generator | None]]
+    ) -> list[int]:
+        """One token per row: greedy at temperature 0, else temperature and nucleus (top_p) sampling."""
         greedy = logits.argmax(dim=-1).tolist()
         tokens: list[int] = []
-        for index, row in enumerate(rows):
-            params = row.job.params
+        for index, (params, generator) in enumerate(rows):
             if params.temperature <= 0.0:
                 tokens.append(greedy[index])
                 continue
@@ -245,38 +218,25 @@ class ModelRunner:
                 outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p
                 sorted_probs[outside] = 0.0
                 probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-            tokens.append(int(torch.multinomial(probs, 1, generator=row.generator)))
+            tokens.append(int(torch.multinomial(probs, 1, generator=generator)))
         return tokens
 
-    def _advance(self, row: _Row, token: int) -> bool:
-        """Append a token to a row; True when the row is finished."""
+    def advance(self, row: DecodingRow, token: int) -> str | None:
+        """Append a sampled token to a row; the finish reason once the row is done, else None."""
         params = row.job.params
         if row.job.cancelled.is_set():
-            row.finish_reason = "cancelled"
-            return True
-        if token in self.eos_token_ids:
-            row.generated.append(token)
-            row.finish_reason = "eos"
-            return True
+            return "cancelled"
         row.generated.append(token)
-        text = self.base.tokenizer.decode(
-            [t for t in row.generated if t not in self.eos_token_ids], skip_special_tokens=True
-        )
+        if token in self.eos_token_ids:
+            return "eos"
+        text = self.base.tokenizer.decode(row.generated, skip_special_tokens=True)
         cut = min((text.find(stop) for stop in params.stop if stop and stop in text), default=-1)
         if cut >= 0:
             row.text = text[:cut]
-            row.finish_reason = "stop"
-            return True
+            return "stop"
         row.text = text
         if len(row.generated) >= params.max_new_tokens:
-            row.finish_reason = "length"
-            return True
-        return False
-
-
-def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
-    if seed is None:
+            return "length"
         return None
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    return generator
+
+

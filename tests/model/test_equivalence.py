@@ -10,6 +10,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from service.domain import GenerationParams
+from service.model.engine import generate
 from service.model.runner import GenerationJob, ModelRunner
 from service.store.store import AdapterStore
 
@@ -55,7 +56,7 @@ def test_greedy_generation_matches_peft(name: str | None, runner: ModelRunner, s
     lengths = [3, 12, 7, 16]
     jobs = [GenerationJob(GenerationParams(prompt=t, max_new_tokens=n), tokenizer(t)["input_ids"])
             for t, n in zip(TEXTS, lengths)]
-    ours = runner.generate([adapter] * len(jobs), jobs)  # one batch, rows of different prompt and output lengths
+    ours = generate(runner, [adapter] * len(jobs), jobs)  # one batch, rows of different prompt and output lengths
     model = AutoModelForCausalLM.from_pretrained(tiny_base)
     if name is not None:
         model = PeftModel.from_pretrained(model, tiny_adapters[name])
@@ -75,11 +76,11 @@ def test_lora_and_prefix_coexist_without_leaking(runner: ModelRunner, store: Ada
     tokenizer = runner.base.tokenizer
     prefix = runner.load(store.get("prefix-gen"))
     job = [GenerationJob(GenerationParams(prompt="hello", max_new_tokens=8), tokenizer("hello")["input_ids"])]
-    alone = runner.generate([prefix], job)[0].text
+    alone = generate(runner, [prefix], job)[0].text
     lora = runner.load(store.get("lora-gen"))
-    runner.generate([lora], job)
-    assert runner.generate([prefix], job)[0].text == alone
-    base_alone = runner.generate([None], job)[0].text
+    generate(runner, [lora], job)
+    assert generate(runner, [prefix], job)[0].text == alone
+    base_alone = generate(runner, [None], job)[0].text
     runner.unload(lora)
-    assert runner.generate([None], job)[0].text == base_alone
+    assert generate(runner, [None], job)[0].text == base_alone
     runner.unload(prefix)

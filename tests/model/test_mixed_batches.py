@@ -9,6 +9,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from service.domain import GenerationParams
+from service.model.engine import generate
 from service.model.runner import GenerationJob, ModelRunner
 from service.store.store import AdapterStore
 
@@ -53,7 +54,7 @@ def test_mixed_generation_batch(runner: ModelRunner, store: AdapterStore, tiny_b
     loaded = {name: runner.load(store.get(name)) for name, _, _ in GENERATE_ROWS if name}
     jobs = [GenerationJob(GenerationParams(prompt=p, max_new_tokens=n), tokenizer(p)["input_ids"])
             for _, p, n in GENERATE_ROWS]
-    got = runner.generate([loaded.get(name) for name, _, _ in GENERATE_ROWS], jobs)
+    got = generate(runner, [loaded.get(name) for name, _, _ in GENERATE_ROWS], jobs)
     for (name, prompt, n), generation in zip(GENERATE_ROWS, got):
         model = AutoModelForCausalLM.from_pretrained(tiny_base)
         if name is not None:

@@ -1,0 +1,71 @@
+"""Continuous batching: rows joining mid-generation, of any adapter kind, get their single-request answers."""
+
+from __future__ import annotations
+
+from service.domain import GenerationParams
+from service.model.engine import DoneEvent, GenerationEngine, TokenEvent, generate
+from service.model.runner import GenerationJob, ModelRunner
+from service.store.store import AdapterStore
+
+PLAN = [  # (step at which it joins, adapter, prompt, max_new_tokens)
+    (0, "lora-gen", "the first long request", 20),
+    (0, None, "base", 5),
+    (2, "prefix-gen", "joins at step two with a longer prompt than most", 8),
+    (3, "lora-gen-mlp", "x", 12),
+    (3, "prefix-proj-gen", "prefix with projection", 6),
+    (7, "lora-gen", "late", 4),
+    (9, None, "after the base row left", 6),
+]
+
+
+def _job(runner: ModelRunner, prompt: str, n: int, stop: tuple[str, ...] = ()) -> GenerationJob:
+    return GenerationJob(GenerationParams(prompt=prompt, max_new_tokens=n, stop=stop),
+                         runner.base.tokenizer(prompt)["input_ids"])
+
+
+def test_rows_joining_mid_generation_match_single_requests(runner: ModelRunner, store: AdapterStore) -> None:
+    adapters = {name: runner.load(store.get(name)) for _, name, _, _ in PLAN if name}
+    expected = [generate(runner, [adapters.get(name)], [_job(runner, p, n)])[0] for _, name, p, n in PLAN]
+    engine = GenerationEngine(runner)
+    done: dict[int, object] = {}
+    streamed: dict[int, str] = {}
+    step = 0
+    while len(done) < len(PLAN):
+        joining = [(i, adapters.get(name), _job(runner, p, n)) for i, (at, name, p, n) in enumerate(PLAN) if at == step]
+        for event in engine.step(joining):
+            if isinstance(event, DoneEvent):
+                done[event.handle] = event.generation
+            elif isinstance(event, TokenEvent):
+                streamed[event.handle] = streamed.get(event.handle, "") + event.text
+        step += 1
+        assert step < 100
+    for index, generation in enumerate(expected):
+        assert done[index].text == generation.text, PLAN[index]
+        assert done[index].generated_tokens == generation.generated_tokens
+        assert streamed.get(index, "") == generation.text  # the stream adds up to the final text
+    assert engine.active == 0
+    for adapter in adapters.values():
+        runner.unload(adapter)
+
+
+def test_stream_never_shows_a_stop_string(runner: ModelRunner) -> None:
+    full = generate(runner, [None], [_job(runner, "Hello", 16)])[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    engine = GenerationEngine(runner)
+    events = engine.step([(0, None, _job(runner, "Hello", 16, stop=(stop,)))])
+    while engine.active:
+        events += engine.step()
+    streamed = "".join(e.text for e in events if isinstance(e, TokenEvent))
+    final = next(e.generation for e in events if isinstance(e, DoneEvent))
+    assert final.finish_reason == "stop" and stop not in streamed and streamed == final.text
+
+
+def test_cancelled_row_is_dropped_at_the_next_step(runner: ModelRunner) -> None:
+    engine = GenerationEngine(runner)
+    keep, drop = _job(runner, "keep going", 10), _job(runner, "cancel me", 50)
+    engine.step([(0, None, keep), (1, None, drop)])
+    drop.cancelled.set()
+    events = engine.step()
+    assert any(isinstance(e, DoneEvent) and e.handle == 1 and e.generation.finish_reason == "cancelled"
+               for e in events)
+    assert engine.active == 1
