@@ -7,7 +7,8 @@ once with its own error; ``run_group`` runs on the model worker thread with the 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Hashable, Sequence
+import logging
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -15,11 +16,14 @@ from service.batching.batcher import Batcher, BatchStats
 from service.domain import AdapterInfo, Classification, Generation, GenerationParams, Task
 from service.errors import DeadlineExceeded, InvalidRequest, WrongTask
 from service.metrics import Metrics
-from service.model.engine import generate
+from service.model.engine import DoneEvent, GenerationEngine, generate
 from service.model.resident import ResidentAdapters
 from service.model.runner import GenerationJob, ModelRunner
 from service.settings import Settings
 from service.store.store import AdapterStore
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,10 @@ class InferenceService:
             max_queue_size=settings.max_queue_size,
             on_batch=self._record_batch,
             on_depth=metrics.queue_depth.set,
+            step=self._step,
+            continuous=self._is_continuous,
         )
+        self.engine = GenerationEngine(runner)
 
     def _record_load(self, seconds: float, outcome: str) -> None:
         self.metrics.adapter_load_seconds.observe(seconds)
@@ -127,30 +134,58 @@ class InferenceService:
         key = self._key(info, Task.CLASSIFICATION)
         return await self._submit(key, _ClassifyPayload(info, inputs))
 
-    async def generate(self, adapter: str | None, params: GenerationParams) -> Generation:
+    async def prepare_generation(self, adapter: str | None, params: GenerationParams) -> _GeneratePayload:
+        """Everything that can refuse a generation request, done before any response starts."""
         info = await self.adapter_for(adapter, Task.GENERATION)
         prompt_ids = self.runner.encode_prompt(params, self.settings.max_input_tokens)
-        key = self._key(info, Task.GENERATION)
-        job = GenerationJob(params, prompt_ids)
+        return _GeneratePayload(info, GenerationJob(params, prompt_ids))
+
+    async def generate(self, payload: _GeneratePayload, on_text: Callable[[str], None] | None = None) -> Generation:
+        """Run a prepared request; ``on_text`` receives the text as it is generated (for streaming)."""
         try:
-            generation = await self._submit(key, _GeneratePayload(info, job))
+            generation = await self._submit(self._key(payload.info, Task.GENERATION), payload, on_text)
         except (DeadlineExceeded, asyncio.CancelledError):
-            job.cancelled.set()  # frees its row at the next decode step
+            payload.job.cancelled.set()  # frees its row at the next decode step
             raise
-        self.metrics.generated_tokens.labels(adapter=self.metrics.adapter_label(adapter)).inc(
+        name = None if payload.info is None else payload.info.name
+        self.metrics.generated_tokens.labels(adapter=self.metrics.adapter_label(name)).inc(
             generation.generated_tokens
         )
         return generation
+
+    async def stream(self, payload: _GeneratePayload) -> AsyncIterator[str | Generation]:
+        """Text pieces as they are generated, then the final Generation; leaving early frees the row."""
+        pieces: asyncio.Queue[str] = asyncio.Queue()
+        task = asyncio.create_task(self.generate(payload, pieces.put_nowait))
+        try:
+            while not task.done() or not pieces.empty():
+                getter = asyncio.ensure_future(pieces.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            yield task.result()
+        finally:
+            if not task.done():
+                payload.job.cancelled.set()
+                task.cancel()
+
+    def _is_continuous(self, key: Hashable) -> bool:
+        """Mixed batching runs generation at iteration level; grouped keeps one static batch per adapter."""
+        return self.settings.batching == "mixed" and isinstance(key, GroupKey) and key.task is Task.GENERATION
 
     def _key(self, info: AdapterInfo | None, task: Task) -> GroupKey:
         if self.settings.batching == "mixed" or info is None:
             return GroupKey(None, None, task)
         return GroupKey(info.name, info.sha256, task)
 
-    async def _submit(self, key: GroupKey, payload: object):
+    async def _submit(self, key: GroupKey, payload: object, on_partial: Callable[[str], None] | None = None):
         """Queue with a deadline; a request cancelled before its batch starts is skipped by the batcher."""
         try:
-            return await asyncio.wait_for(self.batcher.submit(key, payload), self.settings.request_timeout_s)
+            return await asyncio.wait_for(
+                self.batcher.submit(key, payload, on_partial), self.settings.request_timeout_s
+            )
         except asyncio.TimeoutError as error:
             raise DeadlineExceeded(
                 f"the request took longer than {self.settings.request_timeout_s:g} s; retry, or ask for less"
@@ -160,9 +195,40 @@ class InferenceService:
 
     def run_group(self, key: Hashable, payloads: Sequence[_ClassifyPayload | _GeneratePayload]) -> list:
         assert isinstance(key, GroupKey)
-        if key.task is Task.CLASSIFICATION:
-            return self._classify_group(payloads)
-        return self._generate_group(payloads)
+        try:
+            if key.task is Task.CLASSIFICATION:
+                return self._classify_group(payloads)
+            return self._generate_group(payloads)
+        finally:
+            self._collect_unused()
+
+    def _step(self, admitted: Sequence[tuple[int, _GeneratePayload]]) -> tuple[list[tuple[int, str, object]], int]:
+        """One continuous-batching step: admit new requests (loading their adapters), advance every row."""
+        events: list[tuple[int, str, object]] = []
+        held = {adapter.info.name for adapter in self.engine.adapters_in_use()}
+        protect = held | {payload.info.name for _, payload in admitted if payload.info is not None}
+        ready = []
+        for handle, payload in admitted:
+            try:
+                adapter = None if payload.info is None else self.resident.acquire(payload.info, protect)
+            except Exception as error:  # its adapter failed to load: this request fails alone
+                events.append((handle, "error", error))
+                continue
+            ready.append((handle, adapter, payload.job))
+        try:
+            for event in self.engine.step(ready):
+                if isinstance(event, DoneEvent):
+                    events.append((event.handle, "result", event.generation))
+                else:
+                    events.append((event.handle, "partial", event.text))
+        except Exception as error:  # a failed step fails the rows it held; the engine starts clean
+            logger.exception("generation step failed")
+            events += [(handle, "error", error) for handle in self.engine.abort() + [h for h, _, _ in ready]]
+        self._collect_unused()
+        return events, self.engine.active
+
+    def _collect_unused(self) -> None:
+        self.resident.collect({id(adapter) for adapter in self.engine.adapters_in_use()})
 
     def _acquire_each(self, infos: Sequence[AdapterInfo | None]) -> tuple[list, dict[int, Exception]]:
         """Load each request's adapter; one that fails to load fails its own request, not the batch."""

@@ -38,6 +38,7 @@ class GenerateRequest(BaseModel):
     stop: list[str] = Field(default_factory=list, description="Generation ends before the first of these strings.")
     seed: int | None = Field(default=None, description="Makes sampling repeatable.")
     chat: bool = Field(default=False, description="Wrap the prompt in the base model's chat template as a user turn.")
+    stream: bool = Field(default=False, description="Answer with server-sent events, one per piece of new text.")
 
 
 class GenerateResponse(BaseModel):

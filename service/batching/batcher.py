@@ -19,6 +19,9 @@ from service.errors import QueueFull
 logger = logging.getLogger(__name__)
 
 GroupRunner = Callable[[Hashable, Sequence[Any]], Sequence[Any]]
+# A continuous runner takes newly admitted (handle, payload) pairs, advances every running request one step and
+# returns what happened: (handle, "partial" | "result" | "error", value) triples, and how many are still running.
+StepRunner = Callable[[Sequence[tuple[int, Any]]], tuple[list[tuple[int, str, Any]], int]]
 
 
 @dataclass
@@ -26,6 +29,7 @@ class _Item:
     key: Hashable
     payload: Any
     future: asyncio.Future
+    on_partial: Callable[[Any], None] | None = None
     enqueued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -40,7 +44,12 @@ class BatchStats:
 
 
 class Batcher:
-    """Collects up to ``max_batch_size`` requests or waits ``max_wait_ms``, then runs them grouped by key."""
+    """Collects up to ``max_batch_size`` requests or waits ``max_wait_ms``, then runs them grouped by key.
+
+    Keys for which ``continuous(key)`` holds go to ``step`` instead: they join the running set at the next step
+    (up to ``max_batch_size`` running at once) and resolve when their own result arrives, so short requests never
+    wait for long ones. Grouped batches run between steps.
+    """
 
     def __init__(
         self,
@@ -52,6 +61,8 @@ class Batcher:
         max_queue_size: int,
         on_batch: Callable[[BatchStats], None] | None = None,
         on_depth: Callable[[int], None] | None = None,
+        step: StepRunner | None = None,
+        continuous: Callable[[Hashable], bool] = lambda key: False,
     ) -> None:
         self._run_group = run_group
         self._executor = executor
@@ -62,6 +73,12 @@ class Batcher:
         self._on_depth = on_depth or (lambda depth: None)
         self._queue: asyncio.Queue[_Item] | None = None
         self._worker: asyncio.Task | None = None
+        self._step = step
+        self._continuous = continuous
+        self._waiting: list[_Item] = []  # continuous requests not yet admitted
+        self._live: dict[int, _Item] = {}  # continuous requests running, by handle
+        self._running = 0
+        self._step_key: Hashable = None  # the key continuous requests carry, for stats
 
     @property
     def running(self) -> bool:
@@ -83,23 +100,31 @@ class Batcher:
             except asyncio.CancelledError:
                 pass
             self._worker = None
+        left = list(self._waiting) + list(self._live.values())
         while self._queue is not None and not self._queue.empty():
-            item = self._queue.get_nowait()
+            left.append(self._queue.get_nowait())
+        for item in left:
             if not item.future.done():
                 item.future.set_exception(asyncio.CancelledError("the service is shutting down"))
 
-    async def submit(self, key: Hashable, payload: Any) -> Any:
-        """Queue one request and wait for its result (or its exception)."""
+    async def submit(self, key: Hashable, payload: Any, on_partial: Callable[[Any], None] | None = None) -> Any:
+        """Queue one request and wait for its result (or its exception); partial results go to ``on_partial``."""
         assert self._queue is not None, "batcher not started"
         if self._queue.qsize() >= self._max_queue_size:
             raise QueueFull(f"the queue holds {self._max_queue_size} requests; retry shortly")
         future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Item(key=key, payload=payload, future=future))
+        self._queue.put_nowait(_Item(key=key, payload=payload, future=future, on_partial=on_partial))
         self._on_depth(self._queue.qsize())
         return await future
 
     async def _collect(self) -> list[_Item]:
         assert self._queue is not None
+        if self._running or self._waiting:  # steps are due: take what is queued now, never wait
+            batch = []
+            while len(batch) < self._max_batch_size and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            self._on_depth(self._queue.qsize())
+            return batch
         batch = [await self._queue.get()]
         deadline = time.perf_counter() + self._max_wait
         while len(batch) < self._max_batch_size:
@@ -116,30 +141,73 @@ class Batcher:
         return batch
 
     async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = [item for item in await self._collect() if not item.future.done()]
             groups: dict[Hashable, list[_Item]] = {}
             for item in batch:
-                groups.setdefault(item.key, []).append(item)
+                if self._continuous(item.key):
+                    self._waiting.append(item)
+                else:
+                    groups.setdefault(item.key, []).append(item)
             for key, items in groups.items():
-                started = time.perf_counter()
-                try:
-                    results = await loop.run_in_executor(
-                        self._executor, self._run_group, key, [item.payload for item in items]
-                    )
-                except Exception as error:  # the group's failure is its requests' failure, not the worker's
-                    logger.exception("batch for %s failed", key)
-                    results = [error] * len(items)
-                seconds = time.perf_counter() - started
-                for item, result in zip(items, results):
-                    if item.future.done():
-                        continue
-                    if isinstance(result, BaseException):
-                        item.future.set_exception(result)
-                    else:
-                        item.future.set_result(result)
-                self._on_batch(
-                    BatchStats(key=key, size=len(items), queue_waits=[started - i.enqueued_at for i in items],
-                               seconds=seconds)
-                )
+                await self._run_group_of(key, items)
+            await self._advance_continuous()
+
+    async def _run_group_of(self, key: Hashable, items: list[_Item]) -> None:
+        started = time.perf_counter()
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._run_group, key, [item.payload for item in items]
+            )
+        except Exception as error:  # the group's failure is its requests' failure, not the worker's
+            logger.exception("batch for %s failed", key)
+            results = [error] * len(items)
+        seconds = time.perf_counter() - started
+        for item, result in zip(items, results):
+            _resolve(item, result)
+        self._on_batch(
+            BatchStats(key=key, size=len(items), queue_waits=[started - i.enqueued_at for i in items], seconds=seconds)
+        )
+
+    async def _advance_continuous(self) -> None:
+        self._waiting = [item for item in self._waiting if not item.future.done()]
+        if self._step is None or not (self._running or self._waiting):
+            return
+        stepped = self._running
+        room = max(0, self._max_batch_size - self._running)
+        admitted, self._waiting = self._waiting[:room], self._waiting[room:]
+        for item in admitted:
+            self._live[id(item)] = item
+        started = time.perf_counter()
+        try:
+            events, self._running = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._step, [(id(item), item.payload) for item in admitted]
+            )
+        except Exception as error:  # the step runner is expected to recover; if not, fail what was running
+            logger.exception("generation step failed")
+            events = [(handle, "error", error) for handle in self._live]
+            self._running = 0
+        seconds = time.perf_counter() - started
+        for handle, kind, value in events:
+            item = self._live.get(handle)
+            if item is None:
+                continue
+            if kind == "partial":
+                if item.on_partial is not None and not item.future.done():
+                    item.on_partial(value)
+                continue
+            del self._live[handle]
+            _resolve(item, value)
+        if admitted:
+            self._step_key = admitted[0].key
+        self._on_batch(BatchStats(key=self._step_key, size=stepped + len(admitted),
+                                  queue_waits=[started - i.enqueued_at for i in admitted], seconds=seconds))
+
+
+def _resolve(item: _Item, result: Any) -> None:
+    if item.future.done():
+        return
+    if isinstance(result, BaseException):
+        item.future.set_exception(result)
+    else:
+        item.future.set_result(result)

@@ -62,6 +62,15 @@ class GenerationEngine:
     def active(self) -> int:
         return len(self._rows)
 
+    def adapters_in_use(self) -> list[LoadedAdapter]:
+        return [row.adapter for row in self._rows if row.adapter is not None]
+
+    def abort(self) -> list[Hashable]:
+        """Drop every row (after a failed step); returns their handles."""
+        handles = [row.handle for row in self._rows]
+        self._select([])
+        return handles
+
     def step(self, admitted: Sequence[tuple[Hashable, LoadedAdapter | None, GenerationJob]] = ()) -> list[Event]:
         """One decode step for the running rows, then prefill of the admitted ones; returns what happened."""
         events: list[Event] = []
@@ -80,6 +89,7 @@ class GenerationEngine:
             logits = runner.logits(ids, self._mask, self._positions, self._cache)
         self._positions = self._positions + 1
         self._advance_all(logits, self._rows, events)
+        self._next = [row.generated[-1] if row.generated else 0 for row in self._rows]
         keep = [index for index, row in enumerate(self._rows) if row.finish_reason is None]
         if len(keep) < len(self._rows):
             self._select(keep)

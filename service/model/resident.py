@@ -34,6 +34,7 @@ class ResidentAdapters:
         self._on_load = on_load or (lambda seconds, outcome: None)
         self._on_change = on_change or (lambda count: None)
         self._loaded: OrderedDict[str, LoadedAdapter] = OrderedDict()
+        self._retired: list[LoadedAdapter] = []  # dropped while rows may still use them
 
     def __contains__(self, name: str) -> bool:
         return name in self._loaded
@@ -52,6 +53,7 @@ class ResidentAdapters:
         return [None if info is None else loaded[info.name] for info in infos]
 
     def acquire(self, info: AdapterInfo, protect: set[str] | None = None) -> LoadedAdapter:
+        """The resident adapter for ``info``, loading it (and evicting the least recently used) when needed."""
         adapter = self._loaded.get(info.name)
         if adapter is not None and adapter.info.sha256 == info.sha256:
             self._loaded.move_to_end(info.name)
@@ -71,10 +73,21 @@ class ResidentAdapters:
         return adapter
 
     def drop(self, name: str) -> None:
+        """Stop serving an adapter; its weights go once no running row uses them (see ``collect``)."""
         adapter = self._loaded.pop(name, None)
         if adapter is not None:
-            self._runner.unload(adapter)
+            self._retired.append(adapter)
             self._on_change(len(self._loaded))
+
+    def collect(self, in_use: set[int]) -> None:
+        """Unload dropped adapters that no running row holds (``in_use``: ids of held LoadedAdapters)."""
+        still = []
+        for adapter in self._retired:
+            if id(adapter) in in_use:
+                still.append(adapter)
+            else:
+                self._runner.unload(adapter)
+        self._retired = still
 
     def _make_room(self, protect: set[str]) -> None:
         while len(self._loaded) >= self._max_loaded:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
+
 from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
 
 from service.api.schemas import (
     ClassificationResult, ClassifyRequest, ClassifyResponse, GenerateRequest, GenerateResponse,
 )
 from service.api.state import Inference, State
 from service.domain import GenerationParams
-from service.errors import InvalidRequest
+from service.errors import InvalidRequest, ServiceError
+from service.domain import Generation
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 
@@ -27,8 +32,15 @@ async def classify(body: ClassifyRequest, request: Request, inference: Inference
     )
 
 
-@router.post("/generate", response_model=GenerateResponse)
-async def generate(body: GenerateRequest, request: Request, inference: Inference, state: State) -> GenerateResponse:
+@router.post(
+    "/generate",
+    response_model=GenerateResponse,
+    responses={200: {"content": {"text/event-stream": {}},
+                     "description": "With stream=true: server-sent events 'token' ({text}) then 'done' (the body)."}},
+)
+async def generate(
+    body: GenerateRequest, request: Request, inference: Inference, state: State
+) -> GenerateResponse | StreamingResponse:
     request.state.adapter = body.adapter
     settings = state.settings
     if body.max_new_tokens > settings.max_new_tokens_limit:
@@ -39,8 +51,31 @@ async def generate(body: GenerateRequest, request: Request, inference: Inference
         prompt=body.prompt, max_new_tokens=body.max_new_tokens, temperature=body.temperature, top_p=body.top_p,
         stop=tuple(s for s in body.stop if s), seed=body.seed, chat=body.chat,
     )
-    generation = await inference.generate(body.adapter, params)
+    payload = await inference.prepare_generation(body.adapter, params)
+    if body.stream:
+        return StreamingResponse(_events(inference, payload, body.adapter), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    generation = await inference.generate(payload)
     return GenerateResponse(
         adapter=body.adapter, text=generation.text, generated_tokens=generation.generated_tokens,
         prompt_tokens=generation.prompt_tokens, finish_reason=generation.finish_reason,
     )
+
+
+def _sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+async def _events(inference, payload, adapter: str | None) -> AsyncIterator[str]:
+    """Server-sent events: one 'token' per piece of new text, then 'done' with the counts (or 'error')."""
+    try:
+        async for item in inference.stream(payload):
+            if isinstance(item, Generation):
+                yield _sse("done", GenerateResponse(
+                    adapter=adapter, text=item.text, generated_tokens=item.generated_tokens,
+                    prompt_tokens=item.prompt_tokens, finish_reason=item.finish_reason,
+                ).model_dump())
+            else:
+                yield _sse("token", {"text": item})
+    except ServiceError as error:
+        yield _sse("error", {"error": type(error).__name__, "message": error.message})
