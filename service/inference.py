@@ -62,9 +62,10 @@ class InferenceService:
         self.resident = ResidentAdapters(
             runner,
             max_loaded=settings.max_loaded_adapters,
+            max_bytes=settings.max_resident_bytes,
             pinned=set(settings.preload_adapters),
-            on_load=self._record_load,
-            on_change=metrics.adapters_loaded.set,
+            refresh=store.get,
+            observe=self._record_resident,
         )
         self.batcher = Batcher(
             self.run_group,
@@ -79,9 +80,17 @@ class InferenceService:
         )
         self.engine = GenerationEngine(runner)
 
-    def _record_load(self, seconds: float, outcome: str) -> None:
-        self.metrics.adapter_load_seconds.observe(seconds)
-        self.metrics.adapter_loads.labels(outcome=outcome).inc()
+    def _record_resident(self, event: str, value: float) -> None:
+        metrics = self.metrics
+        if event in ("hit", "miss", "evict"):
+            metrics.resident_events.labels(event=event).inc(value)
+        elif event in ("load_seconds", "load_error_seconds"):
+            metrics.adapter_load_seconds.observe(value)
+            metrics.adapter_loads.labels(outcome="loaded" if event == "load_seconds" else "error").inc()
+        elif event == "resident":
+            metrics.adapters_loaded.set(value)
+        elif event == "resident_bytes":
+            metrics.resident_bytes.set(value)
 
     def _record_batch(self, stats: BatchStats) -> None:
         task = stats.key.task.value

@@ -50,6 +50,10 @@ class Metrics:
         self.adapter_loads = Counter(
             "service_adapter_loads_total", "Adapter loads by outcome.", ["outcome"], registry=r,
         )
+        self.resident_events = Counter(
+            "service_adapter_cache_total", "Resident-set lookups and evictions.", ["event"], registry=r,
+        )
+        self.resident_bytes = Gauge("service_adapter_resident_bytes", "Bytes of resident adapters.", registry=r)
         self.generated_tokens = Counter(
             "service_generated_tokens_total", "Tokens generated, by adapter.", ["adapter"], registry=r,
         )

@@ -46,6 +46,10 @@ class Settings(BaseSettings):
         default="mixed",
         description="'mixed': rows of any adapters and kinds share one forward pass; 'grouped': one batch per adapter.",
     )
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="Keys for inference and listing routes (Bearer). Empty: those routes are open.",
+    )
     max_batch_size: int = Field(default=32, ge=1, le=1024, description="Requests (rows) per model batch.")
     max_wait_ms: float = Field(
         default=5.0, ge=0.0, le=10_000.0, description="How long the batcher waits to fill a batch."
@@ -68,6 +72,9 @@ class Settings(BaseSettings):
         default=100, ge=0, description="Adapters named in metric labels; the rest count as '__other__'."
     )
     max_loaded_adapters: int = Field(default=64, ge=1, description="Adapters resident at once; LRU evicted.")
+    max_resident_bytes: int = Field(
+        default=4 * 1024**3, ge=1, description="Bytes of resident adapters; LRU evicted past it."
+    )
     max_lora_rank: int = Field(default=256, ge=1, description="Largest LoRA rank (and rank_pattern value) accepted.")
     max_virtual_tokens: int = Field(default=256, ge=1, description="Largest prefix num_virtual_tokens accepted.")
     preload_adapters: list[str] = Field(default_factory=list, description="Adapters loaded at start.")

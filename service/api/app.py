@@ -9,8 +9,9 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 
+from service.api.auth import require_api_key
 from service.api.errors import error_response, install_error_handlers
 from service.api.routes import adapters, health, inference
 from service.api.state import AppState
@@ -90,8 +91,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(health.router)
-    app.include_router(inference.router)
-    app.include_router(adapters.router)
+    app.include_router(inference.router, dependencies=[Depends(require_api_key)])
+    app.include_router(adapters.router, dependencies=[Depends(require_api_key)])
 
     @app.middleware("http")
     async def record(request: Request, call_next) -> Response:

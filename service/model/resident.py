@@ -16,32 +16,41 @@ from service.model.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
+# Observer events: "hit", "miss", "evict", "load_seconds", "load_error_seconds", "resident", "resident_bytes".
+Observer = Callable[[str, float], None]
+
 
 class ResidentAdapters:
-    """Adapters loaded in the runner by name; a changed content hash means a reload, never a stale answer."""
+    """Adapters loaded in the runner by name, bounded by count and bytes; pinned ones are never evicted.
+
+    A changed content hash means a reload from the store's current files, never a stale answer; an adapter that
+    is dropped or evicted while running rows hold it keeps its weights until ``collect`` finds it unused.
+    """
 
     def __init__(
         self,
         runner: ModelRunner,
         max_loaded: int,
+        max_bytes: int,
         pinned: set[str] | None = None,
-        on_load: Callable[[float, str], None] | None = None,
-        on_change: Callable[[int], None] | None = None,
+        refresh: Callable[[str], AdapterInfo] | None = None,
+        observe: Observer | None = None,
     ) -> None:
         self._runner = runner
         self._max_loaded = max_loaded
+        self._max_bytes = max_bytes
         self._pinned = pinned or set()
-        self._on_load = on_load or (lambda seconds, outcome: None)
-        self._on_change = on_change or (lambda count: None)
+        self._refresh = refresh
+        self._observe = observe or (lambda event, value: None)
         self._loaded: OrderedDict[str, LoadedAdapter] = OrderedDict()
-        self._retired: list[LoadedAdapter] = []  # dropped while rows may still use them
+        self._retired: list[LoadedAdapter] = []
 
     def __contains__(self, name: str) -> bool:
         return name in self._loaded
 
-    def loaded_version(self, name: str) -> str | None:
-        adapter = self._loaded.get(name)
-        return None if adapter is None else adapter.info.sha256
+    @property
+    def resident_bytes(self) -> int:
+        return sum(adapter.resident_bytes for adapter in self._loaded.values())
 
     def acquire_all(self, infos: list[AdapterInfo | None]) -> list[LoadedAdapter | None]:
         """Load what a batch needs; none of the batch's own adapters is evicted to make room for another."""
@@ -55,21 +64,25 @@ class ResidentAdapters:
     def acquire(self, info: AdapterInfo, protect: set[str] | None = None) -> LoadedAdapter:
         """The resident adapter for ``info``, loading it (and evicting the least recently used) when needed."""
         adapter = self._loaded.get(info.name)
+        if adapter is not None and adapter.info.sha256 != info.sha256 and self._refresh is not None:
+            info = self._refresh(info.name)  # the request predates a new version: serve the current files
         if adapter is not None and adapter.info.sha256 == info.sha256:
             self._loaded.move_to_end(info.name)
+            self._observe("hit", 1)
             return adapter
+        self._observe("miss", 1)
         if adapter is not None:
             self.drop(info.name)
-        self._make_room(protect or set())
+        self._make_room(info.size_bytes, protect or set())
         started = time.perf_counter()
         try:
             adapter = self._runner.load(info)
         except Exception:
-            self._on_load(time.perf_counter() - started, "error")
+            self._observe("load_error_seconds", time.perf_counter() - started)
             raise
-        self._on_load(time.perf_counter() - started, "loaded")
+        self._observe("load_seconds", time.perf_counter() - started)
         self._loaded[info.name] = adapter
-        self._on_change(len(self._loaded))
+        self._report()
         return adapter
 
     def drop(self, name: str) -> None:
@@ -77,7 +90,7 @@ class ResidentAdapters:
         adapter = self._loaded.pop(name, None)
         if adapter is not None:
             self._retired.append(adapter)
-            self._on_change(len(self._loaded))
+            self._report()
 
     def collect(self, in_use: set[int]) -> None:
         """Unload dropped adapters that no running row holds (``in_use``: ids of held LoadedAdapters)."""
@@ -89,10 +102,17 @@ class ResidentAdapters:
                 self._runner.unload(adapter)
         self._retired = still
 
-    def _make_room(self, protect: set[str]) -> None:
-        while len(self._loaded) >= self._max_loaded:
+    def _report(self) -> None:
+        self._observe("resident", len(self._loaded))
+        self._observe("resident_bytes", self.resident_bytes)
+
+    def _make_room(self, incoming_bytes: int, protect: set[str]) -> None:
+        while self._loaded and (
+            len(self._loaded) >= self._max_loaded or self.resident_bytes + incoming_bytes > self._max_bytes
+        ):
             victim = next((n for n in self._loaded if n not in self._pinned and n not in protect), None)
             if victim is None:
                 return  # everything resident is pinned or in this batch: go over rather than refuse service
             logger.info("evicting adapter %s", victim)
+            self._observe("evict", 1)
             self.drop(victim)

@@ -142,6 +142,7 @@ class AdapterStore:
         self.accepts_base = accepts_base
         self._cache: dict[str, tuple[tuple, AdapterInfo]] = {}
         self._lock = threading.Lock()
+        self._name_locks: dict[str, threading.Lock] = {}
         root.mkdir(parents=True, exist_ok=True)
 
     def _folder(self, name: str) -> Path:
@@ -202,20 +203,54 @@ class AdapterStore:
         _fsync_dir(self.root)
         return AdapterInfo(**{**info.__dict__, "path": str(target)})
 
+    def replace(self, name: str, staged: Path) -> tuple[AdapterInfo, bool]:
+        """Publish ``staged`` as the new version of ``name`` (or as a new adapter); True when one was replaced.
+
+        Two renames: the old version to a trash folder named after the adapter, the new one into place. A crash
+        between them leaves the old version in the trash, and ``sweep`` puts it back.
+        """
+        if not valid_name(name):
+            raise AdapterInvalid(f"adapter name {name!r} must match {NAME_PATTERN.pattern}")
+        info = describe_folder(name, staged, self.accepts_base)
+        _fsync_tree(staged)
+        target = self.root / name
+        with self._name_lock(name):
+            replaced = target.is_dir()
+            trash = self.root / f"{TRASH_PREFIX}{name}.{uuid.uuid4().hex}"
+            if replaced:
+                os.rename(target, trash)
+            os.rename(staged, target)
+            _fsync_dir(self.root)
+            with self._lock:
+                self._cache.pop(name, None)
+        shutil.rmtree(trash, ignore_errors=True)
+        return AdapterInfo(**{**info.__dict__, "path": str(target)}), replaced
+
+    def _name_lock(self, name: str) -> threading.Lock:
+        with self._lock:
+            return self._name_locks.setdefault(name, threading.Lock())
+
     def delete(self, name: str) -> None:
         folder = self._folder(name)
         if not folder.is_dir():
             raise AdapterNotFound(f"no adapter named {name!r}")
         trash = self.root / f"{TRASH_PREFIX}{uuid.uuid4().hex}"
-        os.rename(folder, trash)  # atomic: readers see the adapter or nothing
+        with self._name_lock(name):
+            os.rename(folder, trash)  # atomic: readers see the adapter or nothing
         with self._lock:
             self._cache.pop(name, None)
         shutil.rmtree(trash, ignore_errors=True)
 
     def sweep(self) -> None:
-        """Remove staging and trash folders a crash left behind."""
-        for entry in self.root.iterdir():
-            if entry.name.startswith((STAGING_PREFIX, TRASH_PREFIX)) and entry.is_dir():
+        """Clean up after a crash: an old version caught between a replace's two renames goes back into place;
+        staging and other trash folders are removed."""
+        for entry in sorted(self.root.iterdir()):
+            if not entry.is_dir() or not entry.name.startswith((STAGING_PREFIX, TRASH_PREFIX)):
+                continue
+            name = entry.name[len(TRASH_PREFIX):].rpartition(".")[0] if entry.name.startswith(TRASH_PREFIX) else ""
+            if name and valid_name(name) and not (self.root / name).exists():
+                os.rename(entry, self.root / name)
+            else:
                 shutil.rmtree(entry, ignore_errors=True)
 
 

@@ -19,16 +19,22 @@ def install_upload(
     size: int,
     limits: ArchiveLimits,
     check: Callable[[AdapterInfo], None],
-) -> AdapterInfo:
-    """Unpack, validate against the base (``check``) and publish atomically; on any refusal nothing is left."""
+    replace: bool = False,
+) -> tuple[AdapterInfo, bool]:
+    """Unpack, validate against the base (``check``) and publish atomically; on any refusal nothing is left.
+
+    Returns the adapter and whether an existing version was replaced (only with ``replace``; else 409).
+    """
     if not valid_name(name):
         raise AdapterInvalid(f"adapter name {name!r} must match {NAME_PATTERN.pattern}")
-    if (store.root / name).exists():
-        raise AdapterExists(f"adapter {name!r} already exists; delete it first")
+    if not replace and (store.root / name).exists():
+        raise AdapterExists(f"adapter {name!r} already exists; PUT /v1/adapters/{name} replaces it")
     staged = store.staging_folder()
     try:
         unpack(archive, size, staged, limits)
         check(describe_folder(name, staged, store.accepts_base))
-        return store.publish(name, staged)
+        if replace:
+            return store.replace(name, staged)
+        return store.publish(name, staged), False
     finally:
         shutil.rmtree(staged, ignore_errors=True)

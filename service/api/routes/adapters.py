@@ -8,7 +8,9 @@ from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFil
 
 from service.api.auth import require_admin
 from service.api.schemas import AdapterEntry, AdapterList
-from service.api.state import Inference, State
+from service.api.state import AppState, Inference, State
+from service.domain import AdapterInfo
+from service.inference import InferenceService
 from service.errors import UploadTooLarge
 from service.model.validation import check_adapter
 from service.store.archive import ArchiveLimits
@@ -29,6 +31,25 @@ async def get_adapter(name: str, inference: Inference) -> AdapterEntry:
     return AdapterEntry.of(info, name in inference.resident)
 
 
+async def _install(
+    request: Request, state: AppState, inference: InferenceService, name: str, archive: UploadFile, replace: bool
+) -> tuple[AdapterEntry, bool]:
+    request.state.adapter = name
+    settings = state.settings
+    size = archive.size if archive.size is not None else 0
+    if size > settings.max_upload_bytes:
+        raise UploadTooLarge(f"the archive is {size} bytes; the limit is {settings.max_upload_bytes}")
+    limits = ArchiveLimits(max_unpacked_bytes=settings.max_unpacked_bytes)
+
+    def check(info: AdapterInfo) -> None:
+        check_adapter(info, state.shapes, settings.max_lora_rank, settings.max_virtual_tokens)
+
+    info, replaced = await asyncio.to_thread(
+        install_upload, inference.store, name, archive.file, size, limits, check, replace
+    )
+    return AdapterEntry.of(info, loaded=False), replaced
+
+
 @router.post("", status_code=201, response_model=AdapterEntry, dependencies=[Depends(require_admin)])
 async def upload_adapter(
     request: Request,
@@ -37,18 +58,25 @@ async def upload_adapter(
     name: str = Form(description="The new adapter's name."),
     archive: UploadFile = File(description="A .zip or .tar.gz of the adapter's files, at its top or in one folder."),
 ) -> AdapterEntry:
-    request.state.adapter = name
-    settings = state.settings
-    size = archive.size if archive.size is not None else 0
-    if size > settings.max_upload_bytes:
-        raise UploadTooLarge(f"the archive is {size} bytes; the limit is {settings.max_upload_bytes}")
-    limits = ArchiveLimits(max_unpacked_bytes=settings.max_unpacked_bytes)
+    """Add an adapter; 409 when the name exists."""
+    entry, _ = await _install(request, state, inference, name, archive, replace=False)
+    return entry
 
-    def check(info) -> None:
-        check_adapter(info, state.shapes, settings.max_lora_rank, settings.max_virtual_tokens)
 
-    info = await asyncio.to_thread(install_upload, inference.store, name, archive.file, size, limits, check)
-    return AdapterEntry.of(info, loaded=False)
+@router.put("/{name}", response_model=AdapterEntry, dependencies=[Depends(require_admin)],
+            responses={201: {"model": AdapterEntry, "description": "Created (the name was free)."}})
+async def replace_adapter(
+    name: str,
+    request: Request,
+    response: Response,
+    state: State,
+    inference: Inference,
+    archive: UploadFile = File(description="A .zip or .tar.gz of the new version's files."),
+) -> AdapterEntry:
+    """Publish a new version: requests already running finish on the old one, later ones get the new one."""
+    entry, replaced = await _install(request, state, inference, name, archive, replace=True)
+    response.status_code = 200 if replaced else 201
+    return entry
 
 
 @router.delete("/{name}", status_code=204, dependencies=[Depends(require_admin)])

@@ -1,0 +1,133 @@
+"""Versions, API keys, the resident set's bounds, the queue bound, crash recovery, deletes under use."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import threading
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from service.api.app import create_app
+from service.store.archive import make_zip
+from tests.api.conftest import ADMIN, tiny_settings, wait_ready
+
+
+def _zip(folder: Path) -> bytes:
+    return make_zip({p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()})
+
+
+def _gen(client: TestClient, adapter: str, **extra) -> dict:
+    response = client.post("/v1/generate", json={"adapter": adapter, "prompt": "Hello", "max_new_tokens": 8, **extra})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_put_publishes_a_new_version_and_nothing_serves_the_old(client: TestClient, store_copy: Path) -> None:
+    first = client.put("/v1/adapters/versioned", files={"archive": ("a.zip", _zip(store_copy / "lora-gen"))},
+                       headers=ADMIN)
+    assert first.status_code == 201, first.text
+    assert _gen(client, "versioned")["text"] == _gen(client, "lora-gen")["text"]
+    second = client.put("/v1/adapters/versioned", files={"archive": ("a.zip", _zip(store_copy / "lora-gen-mlp"))},
+                        headers=ADMIN)
+    assert second.status_code == 200 and second.json()["sha256"] != first.json()["sha256"]
+    assert _gen(client, "versioned")["text"] == _gen(client, "lora-gen-mlp")["text"]
+    assert client.get("/v1/adapters/versioned").json()["sha256"] == second.json()["sha256"]
+    refused = client.put("/v1/adapters/versioned", files={"archive": ("a.zip", b"not a zip")}, headers=ADMIN)
+    assert refused.status_code == 422
+    assert client.get("/v1/adapters/versioned").json()["sha256"] == second.json()["sha256"]
+
+
+def test_api_keys_guard_inference_but_not_health(tiny_base: Path, store_copy: Path) -> None:
+    app = create_app(tiny_settings(store_copy, base_model=str(tiny_base), api_keys=["key-one", "key-two"]))
+    with TestClient(app) as client:
+        wait_ready(client)
+        body = {"prompt": "hi", "max_new_tokens": 1}
+        assert client.post("/v1/generate", json=body).status_code == 401
+        assert client.post("/v1/generate", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert client.post("/v1/generate", json=body, headers={"Authorization": "Bearer key-two"}).status_code == 200
+        assert client.get("/v1/adapters", headers=ADMIN).status_code == 200
+        assert client.get("/v1/adapters").status_code == 401
+        assert client.delete("/v1/adapters/lora-gen", headers={"Authorization": "Bearer key-one"}).status_code == 401
+        for route in ("/health", "/ready", "/metrics"):
+            assert client.get(route).status_code == 200
+
+
+def test_admin_routes_refused_without_a_configured_token(tiny_base: Path, store_copy: Path) -> None:
+    app = create_app(tiny_settings(store_copy, base_model=str(tiny_base), admin_token=None))
+    with TestClient(app) as client:
+        wait_ready(client)
+        response = client.delete("/v1/adapters/lora-gen", headers={"Authorization": "Bearer "})
+        assert response.status_code == 403 and "SERVICE_ADMIN_TOKEN" in response.json()["message"]
+        assert (store_copy / "lora-gen").is_dir()
+
+
+def test_bounded_resident_set_evicts_lru_and_answers_stay_right(tiny_base: Path, store_copy: Path,
+                                                                client: TestClient) -> None:
+    names = ["lora-gen", "prefix-gen", "lora-gen-mlp", "prefix-proj-gen"]
+    expected = {name: _gen(client, name)["text"] for name in names}
+    app = create_app(tiny_settings(store_copy, base_model=str(tiny_base), max_loaded_adapters=2,
+                                   preload_adapters=["lora-gen"]))
+    with TestClient(app) as bounded:
+        wait_ready(bounded)
+        for _ in range(2):
+            for name in names:
+                assert _gen(bounded, name)["text"] == expected[name]
+        metrics = bounded.get("/metrics").text
+        evictions = float(re.search(r'service_adapter_cache_total\{event="evict"\} (\S+)', metrics).group(1))
+        assert evictions >= 4
+        assert bounded.get("/v1/adapters/lora-gen").json()["loaded"] is True  # pinned by the preload list
+        assert sum(e["loaded"] for e in bounded.get("/v1/adapters").json()["adapters"]) <= 2
+
+
+def test_full_queue_answers_429_with_retry_after(tiny_base: Path, store_copy: Path) -> None:
+    app = create_app(tiny_settings(store_copy, base_model=str(tiny_base), max_queue_size=1, max_batch_size=1))
+    statuses: list[int] = []
+    retry_after: list[str | None] = []
+    with TestClient(app) as client:
+        wait_ready(client)
+
+        def call() -> None:
+            response = client.post("/v1/generate", json={"prompt": "Hello", "max_new_tokens": 40})
+            statuses.append(response.status_code)
+            retry_after.append(response.headers.get("retry-after"))
+
+        threads = [threading.Thread(target=call) for _ in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert client.get("/ready").status_code == 200
+    assert set(statuses) <= {200, 429} and 429 in statuses and 200 in statuses
+    assert all(r == "1" for s, r in zip(statuses, retry_after) if s == 429)
+
+
+def test_crash_between_replace_renames_is_repaired_at_start(tiny_base: Path, store_copy: Path) -> None:
+    (store_copy / "lora-gen").rename(store_copy / ".trash-lora-gen.0123abcd")  # the old version, mid-replace
+    (store_copy / ".staging-deadbeef").mkdir()  # a half-written upload
+    app = create_app(tiny_settings(store_copy, base_model=str(tiny_base)))
+    with TestClient(app) as client:
+        wait_ready(client)
+        assert client.get("/v1/adapters/lora-gen").status_code == 200
+    assert sorted(p.name for p in store_copy.iterdir() if p.name.startswith(".")) == []
+
+
+def test_delete_while_generating_finishes_cleanly(client: TestClient, store_copy: Path) -> None:
+    shutil.copytree(store_copy / "lora-gen", store_copy / "doomed")
+    expected = _gen(client, "doomed", max_new_tokens=60)
+    result: dict = {}
+
+    def long_request() -> None:
+        result["response"] = client.post("/v1/generate", json={"adapter": "doomed", "prompt": "Hello",
+                                                                "max_new_tokens": 60})
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    assert client.delete("/v1/adapters/doomed", headers=ADMIN).status_code == 204
+    thread.join()
+    response = result["response"]
+    assert response.status_code in (200, 404)  # finished on the old version, or refused before it started
+    if response.status_code == 200:
+        assert response.json()["text"] == expected["text"]
+    assert client.post("/v1/generate", json={"adapter": "doomed", "prompt": "x"}).status_code == 404
