@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from service.batching.batcher import Batcher, BatchStats
 from service.domain import AdapterInfo, Classification, Generation, GenerationParams, Task
-from service.errors import DeadlineExceeded, InvalidRequest, WrongTask
+from service.errors import AdapterNotFound, DeadlineExceeded, InvalidRequest, WrongTask
 from service.metrics import Metrics
 from service.model.engine import DoneEvent, GenerationEngine, generate
 from service.model.resident import ResidentAdapters
@@ -221,7 +221,7 @@ class InferenceService:
             try:
                 adapter = None if payload.info is None else self.resident.acquire(payload.info, protect)
             except Exception as error:  # its adapter failed to load: this request fails alone
-                events.append((handle, "error", error))
+                events.append((handle, "error", self._load_failure(payload.info, error)))
                 continue
             ready.append((handle, adapter, payload.job))
         try:
@@ -236,6 +236,12 @@ class InferenceService:
         self._collect_unused()
         return events, self.engine.active
 
+    def _load_failure(self, info: AdapterInfo, error: Exception) -> Exception:
+        """An adapter deleted between the request's check and its load is gone (404), not broken."""
+        if not (self.store.root / info.name).is_dir():
+            return AdapterNotFound(f"adapter {info.name!r} was deleted")
+        return error
+
     def _collect_unused(self) -> None:
         self.resident.collect({id(adapter) for adapter in self.engine.adapters_in_use()})
 
@@ -247,7 +253,7 @@ class InferenceService:
                 try:
                     self.resident.acquire(info, protect={i.name for i in infos if i is not None})
                 except Exception as error:  # corrupt or vanished files: that request's error alone
-                    failures[index] = error
+                    failures[index] = self._load_failure(info, error)
         healthy = [info for index, info in enumerate(infos) if index not in failures]
         adapters = iter(self.resident.acquire_all(healthy))
         return [None if index in failures else next(adapters) for index in range(len(infos))], failures

@@ -165,7 +165,12 @@ class AdapterStore:
             cached = self._cache.get(name)
         if cached is not None and cached[0] == signature:
             return cached[1]
-        info = describe_folder(name, folder, self.accepts_base)
+        try:
+            info = describe_folder(name, folder, self.accepts_base)
+        except AdapterInvalid:
+            if not folder.is_dir():  # deleted while we read it
+                raise AdapterNotFound(f"no adapter named {name!r}") from None
+            raise
         with self._lock:
             self._cache[name] = (signature, info)
         return info
