@@ -104,6 +104,41 @@ async def drive(url: str, route: str, bodies: list[dict], concurrency: int) -> t
     return time.perf_counter() - started, latencies, tokens
 
 
+def peft_loop(base: Path, store: Path, adapters: list[str], task: str, inputs: list[str], limit: int) -> float:
+    """The plain-PEFT way: set_adapter, then one request at a time. Returns requests/s (classification) or
+    generated tokens/s (generation) over the first ``limit`` inputs."""
+    from peft import PeftModel
+
+    loader = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    kwargs = {"num_labels": 2} if task == "classification" else {}
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(base)
+    models: dict[str, PeftModel] = {}
+    for kind in ("lora", "prefix"):
+        names = [a for a in adapters if f"-{kind}-" in a]
+        model = PeftModel.from_pretrained(loader.from_pretrained(base, **kwargs), store / names[0],
+                                          adapter_name=names[0])
+        for name in names[1:]:
+            model.load_adapter(store / name, adapter_name=name)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        models.update({name: model.eval() for name in names})
+    rng = random.Random(1)
+    work = [(rng.choice(adapters), text) for text in inputs[:limit]]
+    tokens = 0
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for name, text in work:
+            model = models[name]
+            model.set_adapter(name)
+            encoded = tokenizer(text, return_tensors="pt")
+            if task == "classification":
+                model(**encoded)
+            else:
+                output = model.generate(**encoded, max_new_tokens=32, do_sample=False)
+                tokens += output.shape[1] - encoded["input_ids"].shape[1]
+    seconds = time.perf_counter() - started
+    return (tokens if task == "generation" else len(work)) / seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=512)
@@ -125,8 +160,11 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         try:
             one = adapters["classification"][0]
+            # Load every adapter once so the figures measure serving, not cold loads (those show in the metrics).
             warm = [{"adapter": a, "inputs": "warm up"} for a in adapters["classification"]]
-            asyncio.run(drive(url, "/v1/classify", warm, 8))
+            warm += [{"adapter": a, "prompt": "warm up", "max_new_tokens": 1} for a in adapters["generation"]]
+            asyncio.run(drive(url, "/v1/classify", warm[:len(adapters["classification"])], 8))
+            asyncio.run(drive(url, "/v1/generate", warm[len(adapters["classification"]):], 8))
             results = {}
             for label, choose in (
                 ("one adapter", lambda: one),
@@ -136,6 +174,7 @@ def main() -> None:
                 bodies = [{"adapter": choose(), "inputs": text} for text in cls_texts]
                 seconds, _, _ = asyncio.run(drive(url, "/v1/classify", bodies, 64))
                 results[label] = len(bodies) / seconds
+                print(f"[{batching}] classify {label}: {results[label]:.2f} req/s", flush=True)
                 rows.append((batching, f"classify {label}", results[label], "req/s"))
             rows.append((batching, "classify uniform / one adapter",
                          results["40 adapters uniform"] / results["one adapter"], "ratio"))
@@ -148,6 +187,7 @@ def main() -> None:
                 # Fixed-length outputs so every configuration generates the same number of tokens.
                 seconds, latencies, tokens = asyncio.run(drive(url, "/v1/generate", bodies, 16))
                 gen[label] = tokens / seconds
+                print(f"[{batching}] generate {label}: {gen[label]:.2f} tok/s", flush=True)
                 rows.append((batching, f"generate {label}", gen[label], "tok/s"))
                 rows.append((batching, f"generate {label} latency p50/p99",
                              statistics.median(latencies), f"s (p99 {sorted(latencies)[int(0.99 * len(latencies)) - 1]:.2f} s)"))
@@ -155,6 +195,10 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(timeout=60)
+    loop_cls = peft_loop(base, store, adapters["classification"], "classification", cls_texts, 128)
+    loop_gen = peft_loop(base, store, adapters["generation"], "generation", gen_prompts, 16)
+    rows.append(("peft", "classify one at a time (set_adapter)", loop_cls, "req/s"))
+    rows.append(("peft", "generate one at a time (set_adapter)", loop_gen, "tok/s"))
     mixed = {name: value for strategy, name, value, _ in rows if strategy == "mixed"}
     grouped = {name: value for strategy, name, value, _ in rows if strategy == "grouped"}
     print(f"\n{'strategy':<8} {'measure':<44} {'value':>10}  unit")
@@ -162,6 +206,10 @@ def main() -> None:
         print(f"{strategy:<8} {name:<44} {value:>10.2f}  {unit}")
     for name in ("classify 40 adapters uniform", "generate 40 adapters uniform"):
         print(f"{'mixed/grouped':<8} {name:<44} {mixed[name] / grouped[name]:>10.2f}  ratio")
+    print(f"{'mixed/peft':<8} {'classify 40 adapters uniform':<44} "
+          f"{mixed['classify 40 adapters uniform'] / loop_cls:>10.2f}  ratio")
+    print(f"{'mixed/peft':<8} {'generate 40 adapters uniform':<44} "
+          f"{mixed['generate 40 adapters uniform'] / loop_gen:>10.2f}  ratio")
     print(f"\ntorch {torch.__version__}, {os.cpu_count()} CPUs, cuda={torch.cuda.is_available()}")
 
 

@@ -46,6 +46,10 @@ class Settings(BaseSettings):
         default="mixed",
         description="'mixed': rows of any adapters and kinds share one forward pass; 'grouped': one batch per adapter.",
     )
+    lora_kernel: Literal["gathered", "peft"] = Field(
+        default="gathered",
+        description="Mixed LoRA batches: 'gathered' (stacked weights, batched matmuls) or 'peft' (PEFT's loop).",
+    )
     api_keys: list[SecretStr] = Field(
         default_factory=list,
         description="Keys for inference and listing routes (Bearer). Empty: those routes are open.",

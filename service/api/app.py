@@ -34,7 +34,7 @@ async def _boot(state: AppState) -> None:
         base = await loop.run_in_executor(state.executor, load_base_model, settings)
         store = AdapterStore(settings.adapters_dir, base.names_base if settings.check_adapter_base else None)
         store.sweep()
-        runner = ModelRunner(base)
+        runner = ModelRunner(base, settings.lora_kernel)
         state.shapes = BaseShapes(base)
         service = InferenceService(settings, store, runner, state.executor, state.metrics)
         await service.start()

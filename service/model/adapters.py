@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,6 +179,7 @@ class LoraHost:
             raise AdapterInvalid(f"{name}: weights name modules this base lacks: {unexpected[:3]}")
         self.peft_model.requires_grad_(False)
         self.peft_model.eval()
+        self._switch_off()
 
     def remove(self, name: str) -> None:
         self._discard(name)
@@ -184,6 +187,23 @@ class LoraHost:
     def _discard(self, name: str) -> None:
         if self.peft_model is not None and name in self.peft_model.peft_config:
             self.peft_model.delete_adapter(name)
+            self._switch_off()
+
+    def _switch_off(self) -> None:
+        # PEFT's LoRA layers stay off between batches: switching them per batch walks every adapter of every
+        # layer (requires_grad bookkeeping), which with many resident adapters costs more than the forward.
+        if self.peft_model is not None and self.peft_model.peft_config:
+            self.peft_model.base_model.disable_adapter_layers()
+
+    @contextmanager
+    def switched_on(self) -> Iterator[PeftModel]:
+        """PEFT's own LoRA layers on, for batches the gathered path cannot serve."""
+        assert self.peft_model is not None
+        self.peft_model.base_model.enable_adapter_layers()
+        try:
+            yield self.peft_model
+        finally:
+            self._switch_off()
 
 
 def load_adapter(info: AdapterInfo, base: BaseModel, lora_host: LoraHost, peft_name: str) -> LoadedAdapter:

@@ -18,6 +18,7 @@ from transformers import DynamicCache
 from service.domain import AdapterInfo, GenerationParams
 from service.errors import InvalidRequest
 from service.model.adapters import LoadedAdapter, LoraHost, load_adapter
+from service.model.gathered import GatheredLora
 from service.model.loading import BaseModel
 
 
@@ -41,9 +42,11 @@ class DecodingRow(Protocol):
 class ModelRunner:
     """Owns the base model, the LoRA host and the resident adapters' tensors; runs batches."""
 
-    def __init__(self, base: BaseModel) -> None:
+    def __init__(self, base: BaseModel, lora_kernel: str = "gathered") -> None:
         self.base = base
         self.lora_host = LoraHost(base)
+        self.lora_kernel = lora_kernel  # "gathered" (stacked weights) or "peft" (PEFT's adapter_names loop)
+        self.gathered = GatheredLora()
         self._peft_names = (f"adapter{i}" for i in itertools.count())
         config = base.model.config
         self.max_positions: int = getattr(config, "max_position_embeddings", None) or 1 << 30
@@ -75,22 +78,27 @@ class ModelRunner:
     def lora_routing(self, adapters: Sequence[LoadedAdapter | None]) -> Iterator[None]:
         """Route each row through its own LoRA adapter, or none (base and prefix rows).
 
-        One adapter for the whole batch uses ``set_adapter``; a mix uses PEFT's per-row ``adapter_names`` with
-        ``__base__`` for rows that must run with LoRA off.
+        PEFT's LoRA layers are off by default, so rows without LoRA cost nothing extra. Plain LoRA adapters are
+        applied from stacked weights gathered per row; others (DoRA, extra modules_to_save, ...) switch PEFT's
+        layers on for the batch: ``set_adapter`` for one adapter, per-row ``adapter_names`` for a mix.
         """
         peft_model = self.lora_host.peft_model
         names = [a.peft_name if a is not None and a.peft_name is not None else None for a in adapters]
-        if peft_model is None or not peft_model.peft_config:
+        present = sorted({n for n in names if n is not None})
+        if not present:
             yield
-        elif len(set(names)) > 1:
-            with peft_model.base_model._enable_peft_forward_hooks(adapter_names=[n or "__base__" for n in names]):
+        elif self.lora_kernel == "gathered" and self.gathered.supports(peft_model, present):
+            with self.gathered.route(peft_model, names):
                 yield
-        elif names[0] is not None:
-            peft_model.set_adapter(names[0])
-            yield
         else:
-            with peft_model.disable_adapter():
-                yield
+            with self.lora_host.switched_on():
+                if len(set(names)) == 1:
+                    peft_model.set_adapter(present[0])
+                    yield
+                else:
+                    row_names = [n or "__base__" for n in names]
+                    with peft_model.base_model._enable_peft_forward_hooks(adapter_names=row_names):
+                        yield
 
     # -- tokenization ---------------------------------------------------------------------------------------------
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -30,7 +32,15 @@ GENERATE_ROWS = [
 ]
 
 
-def test_mixed_classification_batch(runner: ModelRunner, store: AdapterStore, tiny_base: Path,
+@pytest.fixture(params=["gathered", "peft"])
+def kernel(request: pytest.FixtureRequest, runner: ModelRunner) -> Iterator[str]:
+    """Both ways of computing a mixed LoRA batch must give every row its own answer."""
+    runner.lora_kernel = request.param
+    yield request.param
+    runner.lora_kernel = "gathered"
+
+
+def test_mixed_classification_batch(kernel: str, runner: ModelRunner, store: AdapterStore, tiny_base: Path,
                                     tiny_adapters: dict[str, Path]) -> None:
     tokenizer = runner.base.tokenizer
     loaded = {name: runner.load(store.get(name)) for name, _ in CLASSIFY_ROWS}
@@ -44,11 +54,13 @@ def test_mixed_classification_batch(runner: ModelRunner, store: AdapterStore, ti
         with torch.no_grad():
             expected = torch.softmax(model(**tokenizer(text, return_tensors="pt")).logits, -1)[0]
         assert torch.allclose(torch.tensor(probabilities), expected, atol=1e-4), name
+    if kernel == "gathered":  # the stacked path really ran for this batch
+        assert runner.gathered._key == tuple(sorted(a.peft_name for a in loaded.values() if a.peft_name))
     for adapter in loaded.values():
         runner.unload(adapter)
 
 
-def test_mixed_generation_batch(runner: ModelRunner, store: AdapterStore, tiny_base: Path,
+def test_mixed_generation_batch(kernel: str, runner: ModelRunner, store: AdapterStore, tiny_base: Path,
                                 tiny_adapters: dict[str, Path]) -> None:
     tokenizer = runner.base.tokenizer
     loaded = {name: runner.load(store.get(name)) for name, _, _ in GENERATE_ROWS if name}
