@@ -80,3 +80,21 @@ class AdapterList(BaseModel):
 class ErrorBody(BaseModel):
     error: str
     message: str
+
+
+_ERROR_MEANINGS = {
+    401: "Missing or wrong bearer token.",
+    403: "Admin routes are disabled (no admin token configured).",
+    404: "No adapter of that name.",
+    409: "An adapter of that name exists.",
+    413: "Body or archive too large.",
+    422: "Malformed or unservable request; the message says what to change.",
+    429: "Queue full; retry after the Retry-After seconds.",
+    503: "Not ready, or shutting down.",
+    504: "The request outlived its deadline.",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict]:
+    """OpenAPI entries for the errors a route can answer with, all shaped as ErrorBody."""
+    return {code: {"model": ErrorBody, "description": _ERROR_MEANINGS[code]} for code in codes}

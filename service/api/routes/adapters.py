@@ -7,7 +7,7 @@ import asyncio
 from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 
 from service.api.auth import require_admin
-from service.api.schemas import AdapterEntry, AdapterList
+from service.api.schemas import AdapterEntry, AdapterList, error_responses
 from service.api.state import AppState, Inference, State
 from service.domain import AdapterInfo
 from service.inference import InferenceService
@@ -16,7 +16,8 @@ from service.model.validation import check_adapter
 from service.store.archive import ArchiveLimits
 from service.store.uploads import install_upload
 
-router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"], responses=error_responses(401, 404, 422, 503))
+_ADMIN_ERRORS = error_responses(403, 409, 413)
 
 
 @router.get("", response_model=AdapterList)
@@ -50,7 +51,8 @@ async def _install(
     return AdapterEntry.of(info, loaded=False), replaced
 
 
-@router.post("", status_code=201, response_model=AdapterEntry, dependencies=[Depends(require_admin)])
+@router.post("", status_code=201, response_model=AdapterEntry, dependencies=[Depends(require_admin)],
+             responses=_ADMIN_ERRORS)
 async def upload_adapter(
     request: Request,
     state: State,
@@ -64,7 +66,7 @@ async def upload_adapter(
 
 
 @router.put("/{name}", response_model=AdapterEntry, dependencies=[Depends(require_admin)],
-            responses={201: {"model": AdapterEntry, "description": "Created (the name was free)."}})
+            responses={201: {"model": AdapterEntry, "description": "Created (the name was free)."}, **_ADMIN_ERRORS})
 async def replace_adapter(
     name: str,
     request: Request,
@@ -79,7 +81,7 @@ async def replace_adapter(
     return entry
 
 
-@router.delete("/{name}", status_code=204, dependencies=[Depends(require_admin)])
+@router.delete("/{name}", status_code=204, dependencies=[Depends(require_admin)], responses=_ADMIN_ERRORS)
 async def delete_adapter(name: str, request: Request, inference: Inference) -> Response:
     request.state.adapter = name
     await asyncio.to_thread(inference.store.delete, name)

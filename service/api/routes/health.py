@@ -16,7 +16,7 @@ async def health() -> dict[str, str]:
     return {"status": "alive"}
 
 
-@router.get("/ready")
+@router.get("/ready", responses={503: {"description": "Loading, failed or stopping; the body says which."}})
 async def ready(state: State) -> JSONResponse:
     body = {"status": state.phase if not state.ready else "ready", "message": state.message}
     return JSONResponse(body, status_code=200 if state.ready else 503)

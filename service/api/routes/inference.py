@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from service.api.schemas import (
+    error_responses,
     ClassificationResult, ClassifyRequest, ClassifyResponse, GenerateRequest, GenerateResponse,
 )
 from service.api.state import Inference, State
@@ -16,7 +17,7 @@ from service.domain import GenerationParams
 from service.errors import InvalidRequest, ServiceError
 from service.domain import Generation
 
-router = APIRouter(prefix="/v1", tags=["inference"])
+router = APIRouter(prefix="/v1", tags=["inference"], responses=error_responses(401, 404, 413, 422, 429, 503, 504))
 
 
 @router.post("/classify", response_model=ClassifyResponse)
