@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import socket
@@ -83,6 +84,41 @@ def pick(rng: random.Random, adapters: list[str], zipf: bool) -> str:
         return rng.choice(adapters)
     weights = [1.0 / (rank + 1) for rank in range(len(adapters))]
     return rng.choices(adapters, weights)[0]
+
+
+async def stream_generate(url: str, bodies: list[dict], concurrency: int) -> dict[str, float]:
+    """Streamed generation: tokens/s, time to first token and inter-token latency percentiles."""
+    semaphore = asyncio.Semaphore(concurrency)
+    first: list[float] = []
+    gaps: list[float] = []
+    tokens = 0
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        async def one(body: dict) -> None:
+            nonlocal tokens
+            async with semaphore:
+                started = last = time.perf_counter()
+                async with client.stream("POST", "/v1/generate", json={**body, "stream": True}) as response:
+                    response.raise_for_status()
+                    event = ""
+                    async for line in response.aiter_lines():
+                        if line.startswith("event: "):
+                            event = line[7:]
+                        elif line.startswith("data: ") and event == "token":
+                            now = time.perf_counter()
+                            (gaps if first and last != started else first).append(now - last)
+                            last = now
+                        elif line.startswith("data: ") and event == "done":
+                            tokens += json.loads(line[6:])["generated_tokens"]
+        started = time.perf_counter()
+        await asyncio.gather(*(one(body) for body in bodies))
+        seconds = time.perf_counter() - started
+
+    def pct(values: list[float], q: float) -> float:
+        ordered = sorted(values)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+    return {"tok/s": tokens / seconds, "ttft p50": pct(first, 0.5), "ttft p99": pct(first, 0.99),
+            "itl p50": pct(gaps, 0.5), "itl p99": pct(gaps, 0.99)}
 
 
 async def drive(url: str, route: str, bodies: list[dict], concurrency: int) -> tuple[float, list[float], int]:
@@ -182,15 +218,17 @@ def main() -> None:
             for label, choose in (
                 ("base only", lambda: None),
                 ("40 adapters uniform", lambda: pick(rng, adapters["generation"], False)),
+                ("40 adapters zipf", lambda: pick(rng, adapters["generation"], True)),
             ):
-                bodies = [{"adapter": choose(), "prompt": p, "max_new_tokens": 32, "stop": []} for p in gen_prompts]
-                # Fixed-length outputs so every configuration generates the same number of tokens.
-                seconds, latencies, tokens = asyncio.run(drive(url, "/v1/generate", bodies, 16))
-                gen[label] = tokens / seconds
+                bodies = [{"adapter": choose(), "prompt": p, "max_new_tokens": 32} for p in gen_prompts]
+                figures = asyncio.run(stream_generate(url, bodies, 16))
+                gen[label] = figures["tok/s"]
                 print(f"[{batching}] generate {label}: {gen[label]:.2f} tok/s", flush=True)
                 rows.append((batching, f"generate {label}", gen[label], "tok/s"))
-                rows.append((batching, f"generate {label} latency p50/p99",
-                             statistics.median(latencies), f"s (p99 {sorted(latencies)[int(0.99 * len(latencies)) - 1]:.2f} s)"))
+                rows.append((batching, f"generate {label} TTFT p50 / p99", figures["ttft p50"],
+                             f"s / {figures['ttft p99']:.2f} s"))
+                rows.append((batching, f"generate {label} ITL p50 / p99", figures["itl p50"],
+                             f"s / {figures['itl p99']:.3f} s"))
             rows.append((batching, "generate mixed / base only", gen["40 adapters uniform"] / gen["base only"], "ratio"))
         finally:
             server.terminate()

@@ -9,16 +9,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+import schemathesis
 import uvicorn
+from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
 
 from service.api.app import create_app
 from tests.api.conftest import tiny_settings
 from tests.test_end_to_end import _free_port
-
-import schemathesis  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
-from schemathesis.checks import not_a_server_error  # noqa: E402
-from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +46,14 @@ def fuzz_url(tiny_base: Path, tiny_store: Path, tmp_path_factory: pytest.TempPat
 
 
 def test_no_server_errors_and_schema_conformance(fuzz_url: str) -> None:
-    from hypothesis import given
-
     schema = schemathesis.openapi.from_url(f"{fuzz_url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 8
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None,
+                  derandomize=True)  # the same examples every run, so CI is repeatable
         def check(case) -> None:
             case.call_and_validate(checks=[not_a_server_error, response_schema_conformance, status_code_conformance])
 
