@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -26,7 +26,6 @@ class AppState:
     inference: InferenceService | None = None
     store: AdapterStore | None = None
     shapes: BaseShapes | None = None
-    inflight: set = field(default_factory=set)
 
     @property
     def ready(self) -> bool:

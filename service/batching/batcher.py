@@ -14,7 +14,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.errors import QueueFull
+from service.errors import NotReady, QueueFull
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class Batcher:
             left.append(self._queue.get_nowait())
         for item in left:
             if not item.future.done():
-                item.future.set_exception(asyncio.CancelledError("the service is shutting down"))
+                item.future.set_exception(NotReady("the service is shutting down; retry on another replica"))
 
     async def submit(self, key: Hashable, payload: Any, on_partial: Callable[[Any], None] | None = None) -> Any:
         """Queue one request and wait for its result (or its exception); partial results go to ``on_partial``."""

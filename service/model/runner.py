@@ -68,10 +68,14 @@ class ModelRunner:
     def load(self, info: AdapterInfo) -> LoadedAdapter:
         # no_grad rather than inference_mode: PEFT later flips requires_grad on these tensors when switching.
         with torch.no_grad():
-            return load_adapter(info, self.base, self.lora_host, next(self._peft_names))
+            adapter = load_adapter(info, self.base, self.lora_host, next(self._peft_names))
+            if adapter.peft_name is not None:
+                self.gathered.add(self.lora_host.peft_model, adapter.peft_name)
+        return adapter
 
     def unload(self, adapter: LoadedAdapter) -> None:
         if adapter.peft_name is not None:
+            self.gathered.remove(adapter.peft_name)
             self.lora_host.remove(adapter.peft_name)
 
     @contextmanager
@@ -87,8 +91,8 @@ class ModelRunner:
         present = sorted({n for n in names if n is not None})
         if not present:
             yield
-        elif self.lora_kernel == "gathered" and self.gathered.supports(peft_model, present):
-            with self.gathered.route(peft_model, names):
+        elif self.lora_kernel == "gathered" and self.gathered.supports(present):
+            with self.gathered.route(names):
                 yield
         else:
             with self.lora_host.switched_on():

@@ -105,3 +105,28 @@ def test_stats_report_queue_wait() -> None:
 
     _run(main())
     assert sum(s.size for s in stats) == 4 and all(w >= 0 for s in stats for w in s.queue_waits)
+
+
+def test_stop_fails_waiting_requests_with_not_ready() -> None:
+    from service.errors import NotReady
+
+    release = threading.Event()
+
+    def slow(key: Hashable, payloads: Sequence[int]) -> list[int]:
+        release.wait(5)
+        return list(payloads)
+
+    async def main() -> None:
+        batcher = Batcher(slow, ThreadPoolExecutor(1), max_batch_size=1, max_wait_ms=0, max_queue_size=10)
+        batcher.start()
+        first = asyncio.create_task(batcher.submit("k", 0))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.create_task(batcher.submit("k", 1))
+        await asyncio.sleep(0.05)
+        release.set()
+        await batcher.stop()
+        with pytest.raises(NotReady):
+            await waiting
+        first.cancel()
+
+    _run(main())

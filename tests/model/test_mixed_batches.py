@@ -54,8 +54,8 @@ def test_mixed_classification_batch(kernel: str, runner: ModelRunner, store: Ada
         with torch.no_grad():
             expected = torch.softmax(model(**tokenizer(text, return_tensors="pt")).logits, -1)[0]
         assert torch.allclose(torch.tensor(probabilities), expected, atol=1e-4), name
-    if kernel == "gathered":  # the stacked path really ran for this batch
-        assert runner.gathered._key == tuple(sorted(a.peft_name for a in loaded.values() if a.peft_name))
+    if kernel == "gathered":  # the stacked path serves every LoRA adapter of this batch
+        assert runner.gathered.supports([a.peft_name for a in loaded.values() if a.peft_name])
     for adapter in loaded.values():
         runner.unload(adapter)
 

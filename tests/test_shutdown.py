@@ -1,0 +1,50 @@
+"""Graceful shutdown of the real process: on SIGTERM, running requests finish and the process exits cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import TINY_ID
+from tests.test_end_to_end import _free_port
+
+
+def test_sigterm_lets_running_requests_finish(tiny_base: Path, tiny_store: Path) -> None:
+    port = _free_port()
+    env = {**os.environ, "SERVICE_BASE_MODEL": str(tiny_base), "SERVICE_ADAPTERS_DIR": str(tiny_store),
+           "SERVICE_BASE_MODEL_ALIASES": f'["{TINY_ID}"]', "SERVICE_SHUTDOWN_TIMEOUT_S": "30"}
+    process = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"],
+                               env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        result: dict = {}
+
+        def long_request() -> None:
+            body = {"adapter": "lora-gen", "prompt": "hello", "max_new_tokens": 200}
+            result["response"] = httpx.post(f"{url}/v1/generate", json=body, timeout=60)
+
+        thread = threading.Thread(target=long_request)
+        thread.start()
+        time.sleep(0.5)  # it is decoding
+        process.send_signal(signal.SIGTERM)
+        thread.join(timeout=60)
+        assert result["response"].status_code == 200
+        assert result["response"].json()["generated_tokens"] > 1
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
