@@ -44,7 +44,8 @@ def test_sigterm_lets_running_requests_finish(tiny_base: Path, tiny_store: Path)
         thread.join(timeout=60)
         assert result["response"].status_code == 200
         assert result["response"].json()["generated_tokens"] > 1
-        assert process.wait(timeout=60) == 0
+        # uvicorn re-raises the signal after its graceful shutdown, so the exit status is SIGTERM's (or 0)
+        assert process.wait(timeout=60) in (0, -signal.SIGTERM)
     finally:
         if process.poll() is None:
             process.kill()

@@ -131,3 +131,45 @@ def test_delete_while_generating_finishes_cleanly(client: TestClient, store_copy
     if response.status_code == 200:
         assert response.json()["text"] == expected["text"]
     assert client.post("/v1/generate", json={"adapter": "doomed", "prompt": "x"}).status_code == 404
+
+
+def test_thousand_adapters_zipf_stream_with_room_for_64(tiny_base: Path, tiny_adapters: dict[str, Path],
+                                                        tmp_path: Path) -> None:
+    import random
+
+    store = tmp_path / "thousand"
+    sources = [tiny_adapters[n] for n in ("lora-gen", "prefix-gen", "lora-gen-mlp", "prefix-proj-gen")]
+    for index in range(1000):
+        shutil.copytree(sources[index % len(sources)], store / f"user-{index:04d}")
+    app = create_app(tiny_settings(store, base_model=str(tiny_base), max_loaded_adapters=64))
+    rng = random.Random(0)
+    weights = [1.0 / (rank + 1) for rank in range(1000)]
+    with TestClient(app) as client:
+        wait_ready(client)
+        for _ in range(400):
+            name = f"user-{rng.choices(range(1000), weights)[0]:04d}"
+            response = client.post("/v1/generate", json={"adapter": name, "prompt": "hi", "max_new_tokens": 1})
+            assert response.status_code == 200, response.text
+        metrics = client.get("/metrics").text
+        counts = {event: float(re.search(rf'service_adapter_cache_total\{{event="{event}"\}} (\S+)', metrics).group(1))
+                  for event in ("hit", "miss", "evict")}
+        loads = float(re.search(r"service_adapter_load_seconds_count (\S+)", metrics).group(1))
+        loaded = float(re.search(r"^service_adapters_loaded (\S+)", metrics, re.M).group(1))
+    assert counts["miss"] > 64 and counts["evict"] > 0 and counts["hit"] > 0 and loads == counts["miss"]
+    assert loaded <= 64
+
+
+def test_upload_with_shapes_that_do_not_fit_the_base_is_refused(client: TestClient, store_copy: Path,
+                                                                tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(store_copy / "lora-gen" / "adapter_model.safetensors"))
+    key = next(k for k in tensors if "lora_A" in k)
+    tensors[key] = tensors[key][:, :-1].contiguous()  # in_features one short of the base's
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    files = {p.name: p.read_bytes() for p in (store_copy / "lora-gen").iterdir() if p.is_file()}
+    files["adapter_model.safetensors"] = (tmp_path / "adapter_model.safetensors").read_bytes()
+    response = client.post("/v1/adapters", data={"name": "misfit"}, headers=ADMIN,
+                           files={"archive": ("a.zip", make_zip(files))})
+    assert response.status_code == 422 and "needs" in response.json()["message"] and key in response.json()["message"]
+    assert not (store_copy / "misfit").exists()

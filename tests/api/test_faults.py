@@ -1,0 +1,54 @@
+"""Fault injection through the real app: corrupted or vanished adapter files under load."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+
+def test_corrupted_adapter_fails_alone_while_its_batch_carries_on(client: TestClient, store_copy: Path) -> None:
+    shutil.copytree(store_copy / "lora-cls", store_copy / "broken")
+    weights = store_copy / "broken" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2:] = b"\xff" * (len(data) - len(data) // 2)  # valid header, garbage tensors past it
+    weights.write_bytes(bytes(data[: len(data) - 7]))  # and truncated
+    results: dict[str, int] = {}
+
+    def call(name: str) -> None:
+        results[name] = client.post("/v1/classify", json={"adapter": name, "inputs": "same batch"}).status_code
+
+    threads = [threading.Thread(target=call, args=(n,)) for n in ("broken", "lora-cls", "prefix-cls", "lora-cls3")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results["broken"] == 422
+    assert [results[n] for n in ("lora-cls", "prefix-cls", "lora-cls3")] == [200, 200, 200]
+    assert client.get("/ready").status_code == 200
+
+
+def test_adapter_files_deleted_under_load(client: TestClient, store_copy: Path) -> None:
+    shutil.copytree(store_copy / "prefix-gen", store_copy / "vanishing")
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            body = {"adapter": "vanishing", "prompt": "hi", "max_new_tokens": 2}
+            statuses.append(client.post("/v1/generate", json=body).status_code)
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    shutil.rmtree(store_copy / "vanishing")  # behind the service's back, not through the admin API
+    time.sleep(0.5)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert set(statuses) <= {200, 404} and statuses[-1] == 404 and 200 in statuses
+    assert client.post("/v1/generate", json={"adapter": "lora-gen", "prompt": "hi", "max_new_tokens": 2}).status_code == 200
