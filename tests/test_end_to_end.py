@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import socket
-import threading
-import time
 import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,47 +13,25 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-import uvicorn
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from service.api.app import create_app
 from service.settings import EMBEDDED_MODEL_ID, Settings
+from tests.servers import serve
 
 pytestmark = pytest.mark.slow
 REPO_STORE = Path(__file__).resolve().parent.parent / "adapters_store"
 TOKEN = "e2e-token"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, embedded_folder: Path) -> Iterator[str]:
     store = tmp_path_factory.mktemp("e2e") / "store"
     shutil.copytree(REPO_STORE, store)
-    port = _free_port()
     settings = Settings(adapters_dir=store, admin_token=TOKEN, max_wait_ms=20)
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    else:
-        pytest.fail("server did not become ready")
-    yield url
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serve(create_app(settings)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

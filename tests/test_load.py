@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import random
-import threading
-import time
+import shutil
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from service.api.app import create_app
 from tests.api.conftest import tiny_settings
-from tests.test_end_to_end import _free_port
+from tests.servers import serve
 
 CLASSIFIERS = ["lora-cls", "lora-cls3", "prefix-cls", "prefix-proj-cls"]
 GENERATORS = [None, "lora-gen", "prefix-gen", "prefix-proj-gen", "lora-gen-mlp"]
@@ -31,27 +29,12 @@ def _rss_bytes() -> int:
 
 @pytest.fixture(scope="module")
 def server(tiny_base: Path, tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    import shutil
-
     store = tmp_path_factory.mktemp("load") / "store"
     shutil.copytree(tiny_store, store)
     settings = tiny_settings(store, base_model=str(tiny_base), max_queue_size=64, max_batch_size=32)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning",
-                                          timeout_keep_alive=120))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/ready").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=30)
+    # Long keep-alive: with hundreds of waiting clients, a pooled connection may sit idle for seconds.
+    with serve(create_app(settings), timeout_keep_alive=120) as url:
+        yield url
 
 
 async def _fire(url: str, count: int, concurrency: int, seed: int) -> Counter:

@@ -13,24 +13,18 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import TINY_ID
-from tests.test_end_to_end import _free_port
+from tests.servers import free_port, wait_until_ready
 
 
 def test_sigterm_lets_running_requests_finish(tiny_base: Path, tiny_store: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "SERVICE_BASE_MODEL": str(tiny_base), "SERVICE_ADAPTERS_DIR": str(tiny_store),
            "SERVICE_BASE_MODEL_ALIASES": f'["{TINY_ID}"]', "SERVICE_SHUTDOWN_TIMEOUT_S": "30"}
     process = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"],
                                env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        wait_until_ready(url)
         result: dict = {}
 
         def long_request() -> None:

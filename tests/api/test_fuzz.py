@@ -2,47 +2,30 @@
 
 from __future__ import annotations
 
-import threading
-import time
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
 
 from service.api.app import create_app
 from tests.api.conftest import tiny_settings
-from tests.test_end_to_end import _free_port
+from tests.servers import serve
 
 
 @pytest.fixture(scope="module")
 def fuzz_url(tiny_base: Path, tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    import shutil
-
     store = tmp_path_factory.mktemp("fuzz") / "store"
     shutil.copytree(tiny_store, store)
     # Small limits keep generated requests cheap; the admin token is one the fuzzer does not know.
     settings_ = tiny_settings(store, base_model=str(tiny_base), max_new_tokens_limit=8, max_input_tokens=64)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings_), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/ready").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serve(create_app(settings_)) as url:
+        yield url
 
 
 def test_no_server_errors_and_schema_conformance(fuzz_url: str) -> None:

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 from tests.api.conftest import tiny_settings
-from tests.test_end_to_end import _free_port
+from tests.servers import serve
 
 
 def _events(text: str) -> list[tuple[str, dict]]:
@@ -60,21 +59,8 @@ def test_short_request_does_not_wait_for_a_long_one(client: TestClient) -> None:
 @pytest.fixture
 def live_server(tiny_base: Path, store_copy: Path):
     app = create_app(tiny_settings(store_copy, base_model=str(tiny_base)))
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(f"{url}/ready").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    yield url, app
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serve(app) as url:
+        yield url, app
 
 
 def test_client_that_disconnects_frees_its_row(live_server) -> None:
