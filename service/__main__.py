@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import threading
+import time
+from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 
 from service.api.app import create_app
 from service.settings import Settings
@@ -29,11 +33,39 @@ def main(argv: list[str] | None = None) -> None:
     }
     settings = Settings(**overrides)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # On SIGTERM uvicorn stops accepting, lets running requests finish, then runs the lifespan shutdown.
-    uvicorn.run(
-        create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level,
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
+    DrainingServer(config, app, settings.shutdown_timeout_s).run()
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM: /ready and new requests answer 503 at once, queued and running work finishes (up to the
+    shutdown timeout), then uvicorn stops accepting and shuts down. A second signal exits at once."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_s: float) -> None:
+        super().__init__(config)
+        self._app = app
+        self._drain_s = drain_s
+        self._draining = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        state = getattr(self._app.state, "service", None)
+        if self._draining or state is None:
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+        state.phase, state.message = "stopping", "draining before shutdown"
+        state.metrics.ready.set(0)
+        threading.Thread(target=self._drain_then_exit, args=(state, sig, frame), daemon=True).start()
+
+    def _drain_then_exit(self, state, sig: int, frame: FrameType | None) -> None:
+        deadline = time.monotonic() + self._drain_s
+        while time.monotonic() < deadline and state.inference is not None and state.inference.batcher.busy:
+            time.sleep(0.05)
+        super().handle_exit(sig, frame)
 
 
 if __name__ == "__main__":

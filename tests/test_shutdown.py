@@ -33,8 +33,13 @@ def test_sigterm_lets_running_requests_finish(tiny_base: Path, tiny_store: Path)
 
         thread = threading.Thread(target=long_request)
         thread.start()
-        time.sleep(0.5)  # it is decoding
+        time.sleep(0.3)  # it is decoding
         process.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+        # While it drains: not ready, and new work is refused with 503 rather than queued.
+        assert httpx.get(f"{url}/ready").status_code == 503
+        refused = httpx.post(f"{url}/v1/generate", json={"prompt": "x", "max_new_tokens": 1})
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
         thread.join(timeout=60)
         assert result["response"].status_code == 200
         assert result["response"].json()["generated_tokens"] > 1

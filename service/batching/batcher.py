@@ -79,10 +79,16 @@ class Batcher:
         self._live: dict[int, _Item] = {}  # continuous requests running, by handle
         self._running = 0
         self._step_key: Hashable = None  # the key continuous requests carry, for stats
+        self._in_group = False
 
     @property
     def running(self) -> bool:
         return self._worker is not None and not self._worker.done()
+
+    @property
+    def busy(self) -> bool:
+        """Whether any request is queued, waiting to join, running or in a group being computed."""
+        return bool(self.depth or self._waiting or self._live or self._running or self._in_group)
 
     @property
     def depth(self) -> int:
@@ -155,6 +161,7 @@ class Batcher:
 
     async def _run_group_of(self, key: Hashable, items: list[_Item]) -> None:
         started = time.perf_counter()
+        self._in_group = True
         try:
             results = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._run_group, key, [item.payload for item in items]
@@ -162,6 +169,8 @@ class Batcher:
         except Exception as error:  # the group's failure is its requests' failure, not the worker's
             logger.exception("batch for %s failed", key)
             results = [error] * len(items)
+        finally:
+            self._in_group = False
         seconds = time.perf_counter() - started
         for item, result in zip(items, results):
             _resolve(item, result)
