@@ -80,6 +80,9 @@ class Settings(BaseSettings):
         default=4 * 1024**3, ge=1, description="Bytes of resident adapters; LRU evicted past it."
     )
     max_lora_rank: int = Field(default=256, ge=1, description="Largest LoRA rank (and rank_pattern value) accepted.")
+    max_adapter_tensors: int = Field(
+        default=10_000, ge=1, description="Tensors an uploaded safetensors header may list."
+    )
     max_virtual_tokens: int = Field(default=256, ge=1, description="Largest prefix num_virtual_tokens accepted.")
     preload_adapters: list[str] = Field(default_factory=list, description="Adapters loaded at start.")
 

@@ -44,11 +44,13 @@ class BaseShapes:
                 self.embedding[name] = (base_layer.num_embeddings, base_layer.embedding_dim)
 
 
-def check_adapter(info: AdapterInfo, shapes: BaseShapes, max_rank: int, max_virtual_tokens: int) -> None:
+def check_adapter(
+    info: AdapterInfo, shapes: BaseShapes, max_rank: int, max_virtual_tokens: int, max_tensors: int = 10_000
+) -> None:
     """Refuse an adapter that does not fit the base, naming the problem."""
     path = Path(info.path)
     config = json.loads((path / CONFIG_FILE).read_text())
-    tensors = read_header(path / WEIGHTS_FILE, info.name)
+    tensors = read_header(path / WEIGHTS_FILE, info.name, max_tensors)
     head = head_spec(tensors)
     if head is not None and (len(head.shape) != 2 or head.shape[1] != shapes.hidden_size):
         raise AdapterInvalid(

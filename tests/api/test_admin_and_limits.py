@@ -173,3 +173,48 @@ def test_upload_with_shapes_that_do_not_fit_the_base_is_refused(client: TestClie
                            files={"archive": ("a.zip", make_zip(files))})
     assert response.status_code == 422 and "needs" in response.json()["message"] and key in response.json()["message"]
     assert not (store_copy / "misfit").exists()
+
+
+def test_concurrent_uploads_of_one_name_over_http(client: TestClient, store_copy: Path) -> None:
+    archive = _zip(store_copy / "prefix-gen")
+    statuses: list[int] = []
+
+    def upload() -> None:
+        response = client.post("/v1/adapters", data={"name": "raced"}, headers=ADMIN,
+                               files={"archive": ("a.zip", archive)})
+        statuses.append(response.status_code)
+
+    threads = [threading.Thread(target=upload) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(statuses) == [201] + [409] * 5
+    assert sorted(p.name for p in store_copy.iterdir() if p.name.startswith(".")) == []
+
+
+def test_caps_on_rank_pattern_virtual_tokens_inputs_and_stops(tiny_base: Path, store_copy: Path) -> None:
+    import json
+
+    app = create_app(tiny_settings(store_copy, base_model=str(tiny_base), max_lora_rank=8, max_virtual_tokens=4,
+                                   max_inputs_per_request=3, max_stop_strings=2, max_adapter_tensors=8))
+    with TestClient(app) as client:
+        wait_ready(client)
+        lora = {p.name: p.read_bytes() for p in (store_copy / "lora-gen").iterdir() if p.is_file()}
+        config = json.loads(lora["adapter_config.json"])
+        lora["adapter_config.json"] = json.dumps({**config, "rank_pattern": {"q_proj": 64}}).encode()
+        response = client.post("/v1/adapters", data={"name": "big-pattern"}, headers=ADMIN,
+                               files={"archive": ("a.zip", make_zip(lora))})
+        assert response.status_code == 422 and "rank 64" in response.json()["message"]
+        prefix = _zip(store_copy / "prefix-gen")  # 6 virtual tokens
+        response = client.post("/v1/adapters", data={"name": "long-prefix"}, headers=ADMIN,
+                               files={"archive": ("a.zip", prefix)})
+        assert response.status_code == 422 and "num_virtual_tokens 6" in response.json()["message"]
+        wide = client.post("/v1/adapters", data={"name": "wide"}, headers=ADMIN,
+                           files={"archive": ("a.zip", _zip(store_copy / "lora-cls"))})  # 9 tensors
+        assert wide.status_code == 422 and "the limit is 8" in wide.json()["message"]
+        many = client.post("/v1/classify", json={"adapter": "lora-cls", "inputs": ["a", "b", "c", "d"]})
+        assert many.status_code == 422 and "limit is 3" in many.json()["message"]
+        stops = client.post("/v1/generate", json={"prompt": "x", "stop": ["a", "b", "c"]})
+        assert stops.status_code == 422 and "at most 2" in stops.json()["message"]
+        assert not (store_copy / "big-pattern").exists() and not (store_copy / "long-prefix").exists()

@@ -43,7 +43,8 @@ async def _install(
     limits = ArchiveLimits(max_unpacked_bytes=settings.max_unpacked_bytes)
 
     def check(info: AdapterInfo) -> None:
-        check_adapter(info, state.shapes, settings.max_lora_rank, settings.max_virtual_tokens)
+        check_adapter(info, state.shapes, settings.max_lora_rank, settings.max_virtual_tokens,
+                      settings.max_adapter_tensors)
 
     info, replaced = await asyncio.to_thread(
         install_upload, inference.store, name, archive.file, size, limits, check, replace
