@@ -218,3 +218,20 @@ def test_caps_on_rank_pattern_virtual_tokens_inputs_and_stops(tiny_base: Path, s
         stops = client.post("/v1/generate", json={"prompt": "x", "stop": ["a", "b", "c"]})
         assert stops.status_code == 422 and "at most 2" in stops.json()["message"]
         assert not (store_copy / "big-pattern").exists() and not (store_copy / "long-prefix").exists()
+
+
+def test_adapter_config_code_pointers_are_never_followed(client: TestClient, store_copy: Path) -> None:
+    import json
+    import sys
+
+    files = {p.name: p.read_bytes() for p in (store_copy / "lora-gen").iterdir() if p.is_file()}
+    config = json.loads(files["adapter_config.json"])
+    config["auto_mapping"] = {"base_model_class": "EvilModel", "parent_library": "evil_adapter_payload"}
+    config["auto_map"] = {"AutoModel": "evil_adapter_payload.EvilModel"}
+    files["adapter_config.json"] = json.dumps(config).encode()
+    response = client.post("/v1/adapters", data={"name": "pointers"}, headers=ADMIN,
+                           files={"archive": ("a.zip", make_zip(files))})
+    assert response.status_code == 201, response.text
+    served = client.post("/v1/generate", json={"adapter": "pointers", "prompt": "Hello", "max_new_tokens": 8})
+    assert served.json()["text"] == _gen(client, "lora-gen")["text"]
+    assert "evil_adapter_payload" not in sys.modules
