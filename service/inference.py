@@ -16,6 +16,7 @@ from service.batching.batcher import Batcher, BatchStats
 from service.domain import AdapterInfo, Classification, Generation, GenerationParams, Task
 from service.errors import AdapterNotFound, DeadlineExceeded, InvalidRequest, WrongTask
 from service.metrics import Metrics
+from service.model.adapters import LoadedAdapter
 from service.model.engine import DoneEvent, GenerationEngine, generate
 from service.model.resident import ResidentAdapters
 from service.model.runner import GenerationJob, ModelRunner
@@ -213,17 +214,15 @@ class InferenceService:
 
     def _step(self, admitted: Sequence[tuple[int, _GeneratePayload]]) -> tuple[list[tuple[int, str, object]], int]:
         """One continuous-batching step: admit new requests (loading their adapters), advance every row."""
-        events: list[tuple[int, str, object]] = []
         held = {adapter.info.name for adapter in self.engine.adapters_in_use()}
-        protect = held | {payload.info.name for _, payload in admitted if payload.info is not None}
-        ready = []
-        for handle, payload in admitted:
-            try:
-                adapter = None if payload.info is None else self.resident.acquire(payload.info, protect)
-            except Exception as error:  # its adapter failed to load: this request fails alone
-                events.append((handle, "error", self._load_failure(payload.info, error)))
-                continue
-            ready.append((handle, adapter, payload.job))
+        adapters, failures = self._acquire_each([payload.info for _, payload in admitted], held)
+        events: list[tuple[int, str, object]] = [
+            (admitted[index][0], "error", error) for index, error in failures.items()
+        ]
+        ready = [
+            (handle, adapter, payload.job)
+            for index, ((handle, payload), adapter) in enumerate(zip(admitted, adapters)) if index not in failures
+        ]
         try:
             for event in self.engine.step(ready):
                 if isinstance(event, DoneEvent):
@@ -245,18 +244,27 @@ class InferenceService:
     def _collect_unused(self) -> None:
         self.resident.collect({id(adapter) for adapter in self.engine.adapters_in_use()})
 
-    def _acquire_each(self, infos: Sequence[AdapterInfo | None]) -> tuple[list, dict[int, Exception]]:
-        """Load each request's adapter; one that fails to load fails its own request, not the batch."""
+    def _acquire_each(
+        self, infos: Sequence[AdapterInfo | None], held: set[str] = frozenset()
+    ) -> tuple[list[LoadedAdapter | None], dict[int, Exception]]:
+        """Load each distinct adapter of a batch once, evicting none of the batch's (or ``held``) ones; an adapter
+        that fails to load fails its own requests, not the batch."""
+        protect = set(held) | {info.name for info in infos if info is not None}
+        outcomes: dict[str, LoadedAdapter | Exception] = {}
+        adapters: list[LoadedAdapter | None] = []
         failures: dict[int, Exception] = {}
         for index, info in enumerate(infos):
-            if info is not None:
+            if info is not None and info.name not in outcomes:
                 try:
-                    self.resident.acquire(info, protect={i.name for i in infos if i is not None})
+                    outcomes[info.name] = self.resident.acquire(info, protect)
                 except Exception as error:  # corrupt or vanished files: that request's error alone
-                    failures[index] = self._load_failure(info, error)
-        healthy = [info for index, info in enumerate(infos) if index not in failures]
-        adapters = iter(self.resident.acquire_all(healthy))
-        return [None if index in failures else next(adapters) for index in range(len(infos))], failures
+                    outcomes[info.name] = self._load_failure(info, error)
+            outcome = None if info is None else outcomes[info.name]
+            if isinstance(outcome, Exception):
+                failures[index] = outcome
+                outcome = None
+            adapters.append(outcome)
+        return adapters, failures
 
     def _classify_group(self, payloads: Sequence[_ClassifyPayload]) -> list:
         adapters, failures = self._acquire_each([payload.info for payload in payloads])

@@ -52,15 +52,6 @@ class ResidentAdapters:
     def resident_bytes(self) -> int:
         return sum(adapter.resident_bytes for adapter in self._loaded.values())
 
-    def acquire_all(self, infos: list[AdapterInfo | None]) -> list[LoadedAdapter | None]:
-        """Load what a batch needs; none of the batch's own adapters is evicted to make room for another."""
-        protect = {info.name for info in infos if info is not None}
-        loaded: dict[str, LoadedAdapter] = {}
-        for info in infos:
-            if info is not None and info.name not in loaded:
-                loaded[info.name] = self.acquire(info, protect)
-        return [None if info is None else loaded[info.name] for info in infos]
-
     def acquire(self, info: AdapterInfo, protect: set[str] | None = None) -> LoadedAdapter:
         """The resident adapter for ``info``, loading it (and evicting the least recently used) when needed."""
         adapter = self._loaded.get(info.name)
