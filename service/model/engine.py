@@ -11,10 +11,10 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from service.domain import Generation
 from service.model.adapters import LoadedAdapter
+from service.model.kv_cache import KVCache
 from service.model.runner import GenerationJob, ModelRunner
 
 
@@ -53,7 +53,7 @@ class GenerationEngine:
     def __init__(self, runner: ModelRunner) -> None:
         self._runner = runner
         self._rows: list[_Sequence] = []
-        self._cache: DynamicCache | None = None
+        self._cache: KVCache | None = None
         self._mask: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None  # [rows, 1]: the position of each row's next input
         self._next: list[int] = []  # each row's last sampled token, its next input
@@ -85,7 +85,7 @@ class GenerationEngine:
         runner = self._runner
         ids = torch.tensor(self._next, device=runner.base.device).unsqueeze(1)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], dim=1)
-        with runner.lora_routing([row.adapter for row in self._rows]):
+        with runner.lora_routing([row.adapter for row in self._rows], repeated=True):
             logits = runner.logits(ids, self._mask, self._positions, self._cache)
         self._positions = self._positions + 1
         self._advance_all(logits, self._rows, events)
@@ -165,8 +165,8 @@ class GenerationEngine:
 
 
 def _merge(
-    cache_a: DynamicCache, mask_a: torch.Tensor, cache_b: DynamicCache, mask_b: torch.Tensor
-) -> tuple[DynamicCache, torch.Tensor]:
+    cache_a: KVCache, mask_a: torch.Tensor, cache_b: KVCache, mask_b: torch.Tensor
+) -> tuple[KVCache, torch.Tensor]:
     """Stack two batches' caches, left-padding the shorter so every row's newest entry stays at the end."""
     width = max(mask_a.shape[1], mask_b.shape[1])
 
@@ -182,7 +182,7 @@ def _merge(
         (torch.cat([pad(a.keys, 2), pad(b.keys, 2)]), torch.cat([pad(a.values, 2), pad(b.values, 2)]))
         for a, b in zip(cache_a.layers, cache_b.layers)
     ]
-    return DynamicCache(layers), torch.cat([pad(mask_a, 1), pad(mask_b, 1)])
+    return KVCache(layers), torch.cat([pad(mask_a, 1), pad(mask_b, 1)])
 
 
 def _generator(seed: int | None, runner: ModelRunner) -> torch.Generator | None:

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from transformers import DynamicCache
 
 from service.domain import AdapterInfo, GenerationParams
 from service.errors import InvalidRequest
 from service.model.adapters import LoadedAdapter, LoraHost, load_adapter
 from service.model.gathered import GatheredLora
+from service.model.kv_cache import KVCache
 from service.model.loading import BaseModel
 
 
@@ -79,12 +79,13 @@ class ModelRunner:
             self.lora_host.remove(adapter.peft_name)
 
     @contextmanager
-    def lora_routing(self, adapters: Sequence[LoadedAdapter | None]) -> Iterator[None]:
+    def lora_routing(self, adapters: Sequence[LoadedAdapter | None], repeated: bool = False) -> Iterator[None]:
         """Route each row through its own LoRA adapter, or none (base and prefix rows).
 
         PEFT's LoRA layers are off by default, so rows without LoRA cost nothing extra. Plain LoRA adapters are
         applied from stacked weights gathered per row; others (DoRA, extra modules_to_save, ...) switch PEFT's
-        layers on for the batch: ``set_adapter`` for one adapter, per-row ``adapter_names`` for a mix.
+        layers on for the batch: ``set_adapter`` for one adapter, per-row ``adapter_names`` for a mix. ``repeated``
+        says the same rows will be routed again (decode steps), so per-row work may be kept for them.
         """
         peft_model = self.lora_host.peft_model
         names = [a.peft_name if a is not None and a.peft_name is not None else None for a in adapters]
@@ -92,7 +93,7 @@ class ModelRunner:
         if not present:
             yield
         elif self.lora_kernel == "gathered" and self.gathered.supports(present):
-            with self.gathered.route(names):
+            with self.gathered.route(names, repeated):
                 yield
         else:
             with self.lora_host.switched_on():
@@ -144,18 +145,18 @@ class ModelRunner:
         positions = (mask.cumsum(-1) - 1).clamp(min=0) + offset
         return ids, mask, positions
 
-    def _prefix_cache(self, adapters: Sequence[LoadedAdapter | None]) -> tuple[DynamicCache, torch.Tensor]:
+    def _prefix_cache(self, adapters: Sequence[LoadedAdapter | None]) -> tuple[KVCache, torch.Tensor]:
         """The rows' prefixes as one cache, each left-padded to the longest, and the mask over those slots."""
         lengths = [0 if a is None else a.num_virtual_tokens for a in adapters]
         longest = max(lengths)
         batch = len(adapters)
         mask = torch.zeros((batch, longest), dtype=torch.long, device=self.base.device)
         if longest == 0:
-            return DynamicCache(), mask
+            return KVCache(), mask
         first = next(a for a in adapters if a is not None and a.prefix is not None)
         if all(a is first for a in adapters):  # one prefix for all rows: no copies
             mask[:] = 1
-            return DynamicCache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in first.prefix]), mask
+            return KVCache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in first.prefix]), mask
         layers = []
         for layer, (key, value) in enumerate(first.prefix):
             keys = key.new_zeros((batch, key.shape[1], longest, key.shape[3]))
@@ -168,10 +169,10 @@ class ModelRunner:
             layers.append((keys, values))
         for row, length in enumerate(lengths):
             mask[row, longest - length:] = 1 if length else 0
-        return DynamicCache(layers), mask
+        return KVCache(layers), mask
 
     def _backbone(
-        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache | None
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: KVCache | None
     ) -> torch.Tensor:
         """Last-position hidden state of each row."""
         output = self.base.model.base_model(
@@ -181,7 +182,7 @@ class ModelRunner:
 
     def start(
         self, adapters: Sequence[LoadedAdapter | None], sequences: Sequence[Sequence[int]]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, KVCache]:
         """Padded ids, the mask over prefix slots and tokens, positions, and the prefix cache for a batch."""
         offsets = [0 if a is None else a.num_virtual_tokens for a in adapters]
         ids, mask, positions = self._pad(sequences, offsets)
@@ -208,7 +209,7 @@ class ModelRunner:
             return probabilities
 
     def logits(
-        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: KVCache
     ) -> torch.Tensor:
         """Next-token logits of each row (its last position); the cache grows by the given ids."""
         return self.base.model.get_output_embeddings()(self._backbone(ids, mask, positions, cache))

@@ -1,0 +1,81 @@
+"""A key/value cache that appends in place.
+
+transformers' ``DynamicLayer`` concatenates every new token onto the whole cache, so each decode step copies every
+layer's keys and values: on this model at 16 rows that copy took as long as all the matmuls of the step. Here each
+layer keeps its keys and values in a buffer with spare room (grown by doubling), and a step writes one column.
+Anything that replaces ``keys``/``values`` from outside (row selection, merging batches, trimming padding) simply
+makes the next append move them into a fresh buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+_MIN_ROOM = 32  # columns of headroom given at least, so short generations reallocate once or twice
+
+
+class GrowingLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose ``keys``/``values`` are views into larger buffers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self.get_seq_length()
+        needed = length + key_states.shape[-2]
+        if not self._holds_current(key_states.shape[0], needed):
+            self._move_to_new_buffers(needed + max(needed, _MIN_ROOM), key_states, value_states, length)
+        assert self._key_buffer is not None and self._value_buffer is not None
+        self._key_buffer[:, :, length:needed] = key_states
+        self._value_buffer[:, :, length:needed] = value_states
+        self.keys = self._key_buffer[:, :, :needed]
+        self.values = self._value_buffer[:, :, :needed]
+        return self.keys, self.values
+
+    def _holds_current(self, batch: int, needed: int) -> bool:
+        """Whether ``keys``/``values`` are still the leading columns of the buffers, with room for ``needed``."""
+        buffer = self._key_buffer
+        if buffer is None or buffer.shape[0] != batch or buffer.shape[2] < needed:
+            return False
+        if self.get_seq_length() == 0:
+            return True
+        return (
+            self.keys.data_ptr() == buffer.data_ptr()
+            and self.keys.stride() == buffer.stride()
+            and self.values.data_ptr() == self._value_buffer.data_ptr()
+            and self.values.stride() == self._value_buffer.stride()
+        )
+
+    def _move_to_new_buffers(
+        self, capacity: int, key_states: torch.Tensor, value_states: torch.Tensor, length: int
+    ) -> None:
+        batch, heads, _, key_dim = key_states.shape
+        self._key_buffer = key_states.new_empty((batch, heads, capacity, key_dim))
+        self._value_buffer = value_states.new_empty((batch, heads, capacity, value_states.shape[-1]))
+        if length:
+            self._key_buffer[:, :, :length] = self.keys
+            self._value_buffer[:, :, :length] = self.values
+
+
+class KVCache(DynamicCache):
+    """A ``DynamicCache`` made of ``GrowingLayer``s, optionally filled with per-layer (keys, values)."""
+
+    def __init__(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> None:
+        if not layers:
+            Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
+            return
+        filled = []
+        for keys, values in layers:
+            layer = GrowingLayer()
+            layer.update(keys, values)
+            filled.append(layer)
+        Cache.__init__(self, layers=filled)
