@@ -10,7 +10,7 @@ PEFT still reads, checks and holds the adapters; this only changes how their del
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -29,6 +29,10 @@ class _ModuleStack:
         self.a = weight.new_zeros((capacity, 0, module.in_features))
         self.b = weight.new_zeros((capacity, module.out_features, 0))
         self.rows: torch.Tensor | None = None  # the slot of each row of the batch being computed, if any
+        # The rows' A^T and B^T gathered for the current routing; kept across decode steps while the rows and the
+        # pool stay the same, since the gather copies more bytes than the two small matmuls read.
+        self.gathered: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.gathered_for: Hashable | None = None
 
     def ensure(self, capacity: int, rank: int) -> None:
         if capacity <= self.a.shape[0] and rank <= self.rank:
@@ -43,10 +47,22 @@ class _ModuleStack:
     def hook(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         if self.rows is None:
             return output
-        x = inputs[0].to(self.a.dtype)
-        a_rows, b_rows = self.a.index_select(0, self.rows), self.b.index_select(0, self.rows)
-        delta = torch.bmm(torch.bmm(x, a_rows.transpose(1, 2)), b_rows.transpose(1, 2))
+        if self.gathered is None:
+            self.gathered = (self.a.index_select(0, self.rows).transpose(1, 2),
+                             self.b.index_select(0, self.rows).transpose(1, 2))
+        a_rows, b_rows = self.gathered
+        delta = torch.bmm(torch.bmm(inputs[0].to(self.a.dtype), a_rows), b_rows)
         return output + delta.to(output.dtype)
+
+    def begin(self, rows: torch.Tensor, key: Hashable | None) -> None:
+        if key is None or key != self.gathered_for:
+            self.gathered = None
+        self.rows, self.gathered_for = rows, key
+
+    def end(self, keep: bool) -> None:
+        self.rows = None
+        if not keep:
+            self.gathered = self.gathered_for = None
 
 
 class GatheredLora:
@@ -59,6 +75,7 @@ class GatheredLora:
         self._stacks: dict[int, _ModuleStack] = {}  # by id of the LoRA module
         self._modules: dict[int, LoraLinear] = {}
         self._hooks: list = []
+        self._version = 0  # bumped whenever a slot's weights change, so rows gathered earlier are never reused
 
     def __contains__(self, name: str) -> bool:
         return name in self._slots
@@ -86,6 +103,7 @@ class GatheredLora:
                 stack.a[slot, :r] = module.lora_A[name].weight
                 stack.b[slot, :, :r] = module.lora_B[name].weight * module.scaling[name]
         self._slots[name] = slot
+        self._version += 1
         return True
 
     def remove(self, name: str) -> None:
@@ -96,25 +114,32 @@ class GatheredLora:
             stack.a[slot].zero_()
             stack.b[slot].zero_()
         self._free.append(slot)
+        self._version += 1
 
     def supports(self, names: Sequence[str]) -> bool:
         return all(name in self._slots for name in names)
 
     @contextmanager
-    def route(self, row_names: Sequence[str | None]) -> Iterator[None]:
-        """Within this context, a forward pass adds each row's own LoRA delta (rows named None get none)."""
+    def route(self, row_names: Sequence[str | None], repeated: bool = False) -> Iterator[None]:
+        """Within this context, a forward pass adds each row's own LoRA delta (rows named None get none).
+
+        ``repeated`` says the same rows will come again (decode steps): their gathered weights are then kept for
+        the next routing of the same rows instead of being freed.
+        """
         if not self._stacks:
             yield
             return
         device = next(iter(self._stacks.values())).a.device
-        rows = torch.tensor([NO_ADAPTER if n is None else self._slots[n] for n in row_names], device=device)
+        slots = [NO_ADAPTER if n is None else self._slots[n] for n in row_names]
+        rows = torch.tensor(slots, device=device)
+        key = (tuple(slots), self._version) if repeated else None
         for stack in self._stacks.values():
-            stack.rows = rows
+            stack.begin(rows, key)
         try:
             yield  # PEFT's own LoRA layers are kept switched off (LoraHost), so only these deltas apply
         finally:
             for stack in self._stacks.values():
-                stack.rows = None
+                stack.end(keep=repeated)
 
 
 def _plain_lora(peft_model: PeftModel, name: str) -> bool:

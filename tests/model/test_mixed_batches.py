@@ -11,6 +11,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from service.domain import GenerationParams
+from service.model.adapters import LoadedAdapter
 from service.model.engine import generate
 from service.model.runner import GenerationJob, ModelRunner
 from service.store.store import AdapterStore
@@ -78,3 +79,29 @@ def test_mixed_generation_batch(kernel: str, runner: ModelRunner, store: Adapter
         assert generation.text == expected, name
     for adapter in loaded.values():
         runner.unload(adapter)
+
+
+def test_rows_gathered_for_decode_steps_follow_a_slot_given_to_another_adapter(
+    runner: ModelRunner, store: AdapterStore
+) -> None:
+    """Decode steps keep the rows' gathered LoRA weights; a slot freed and reused must never serve stale ones."""
+    ids = runner.base.tokenizer("reuse the slot")["input_ids"]
+
+    def logits(adapter: LoadedAdapter) -> torch.Tensor:
+        with torch.inference_mode():
+            batch_ids, mask, positions, cache = runner.start([adapter], [ids])
+            with runner.lora_routing([adapter], repeated=True):
+                return runner.logits(batch_ids, mask, positions, cache)
+
+    first = runner.load(store.get("lora-gen"))
+    logits(first)
+    runner.unload(first)
+    second = runner.load(store.get("lora-gen-mlp"))
+    reused = logits(second)
+    runner.lora_kernel = "peft"
+    try:
+        expected = logits(second)
+    finally:
+        runner.lora_kernel = "gathered"
+        runner.unload(second)
+    assert torch.allclose(reused, expected, atol=1e-5)
