@@ -23,7 +23,6 @@ from service.model.runner import GenerationJob, ModelRunner
 from service.settings import Settings
 from service.store.store import AdapterStore
 
-
 logger = logging.getLogger(__name__)
 
 
@@ -196,7 +195,7 @@ class InferenceService:
             return await asyncio.wait_for(
                 self.batcher.submit(key, payload, on_partial), self.settings.request_timeout_s
             )
-        except asyncio.TimeoutError as error:
+        except TimeoutError as error:
             raise DeadlineExceeded(
                 f"the request took longer than {self.settings.request_timeout_s:g} s; retry, or ask for less"
             ) from error

@@ -10,8 +10,8 @@ from service.api.auth import require_admin
 from service.api.schemas import AdapterEntry, AdapterList, error_responses
 from service.api.state import AppState, Inference, State
 from service.domain import AdapterInfo
-from service.inference import InferenceService
 from service.errors import UploadTooLarge
+from service.inference import InferenceService
 from service.model.validation import check_adapter
 from service.store.archive import ArchiveLimits
 from service.store.uploads import install_upload

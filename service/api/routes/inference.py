@@ -9,13 +9,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from service.api.schemas import (
+    ClassificationResult,
+    ClassifyRequest,
+    ClassifyResponse,
+    GenerateRequest,
+    GenerateResponse,
     error_responses,
-    ClassificationResult, ClassifyRequest, ClassifyResponse, GenerateRequest, GenerateResponse,
 )
 from service.api.state import Inference, State
-from service.domain import GenerationParams
+from service.domain import Generation, GenerationParams
 from service.errors import InvalidRequest, ServiceError
-from service.domain import Generation
 
 router = APIRouter(prefix="/v1", tags=["inference"], responses=error_responses(401, 404, 413, 422, 429, 503, 504))
 
