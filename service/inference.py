@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from service.batching.batcher import Batcher, BatchStats
+from service.batching.batcher import Batcher, BatchStats, PartialReport
 from service.domain import AdapterInfo, Classification, Generation, GenerationParams, Task
 from service.errors import AdapterNotFound, DeadlineExceeded, InvalidRequest, WrongTask
 from service.metrics import Metrics
@@ -202,12 +202,14 @@ class InferenceService:
 
     # -- worker thread --------------------------------------------------------------------------------------------
 
-    def run_group(self, key: Hashable, payloads: Sequence[_ClassifyPayload | _GeneratePayload]) -> list:
+    def run_group(
+        self, key: Hashable, payloads: Sequence[_ClassifyPayload | _GeneratePayload], report: PartialReport
+    ) -> list:
         assert isinstance(key, GroupKey)
         try:
             if key.task is Task.CLASSIFICATION:
                 return self._classify_group(payloads)
-            return self._generate_group(payloads)
+            return self._generate_group(payloads, report)
         finally:
             self._collect_unused()
 
@@ -288,11 +290,12 @@ class InferenceService:
             results.append([_classification(payload.info.labels or [], probs) for probs in mine])
         return results
 
-    def _generate_group(self, payloads: Sequence[_GeneratePayload]) -> list:
+    def _generate_group(self, payloads: Sequence[_GeneratePayload], report: PartialReport) -> list:
         adapters, failures = self._acquire_each([payload.info for payload in payloads])
         healthy = [index for index in range(len(payloads)) if index not in failures]
         generations = iter(
-            generate(self.runner, [adapters[i] for i in healthy], [payloads[i].job for i in healthy]) if healthy else []
+            generate(self.runner, [adapters[i] for i in healthy], [payloads[i].job for i in healthy],
+                     on_text=lambda row, text: report(healthy[row], text)) if healthy else []
         )
         return [failures[index] if index in failures else next(generations) for index in range(len(payloads))]
 

@@ -18,7 +18,10 @@ from service.errors import NotReady, QueueFull
 
 logger = logging.getLogger(__name__)
 
-GroupRunner = Callable[[Hashable, Sequence[Any]], Sequence[Any]]
+# A group runner takes (key, payloads, report) and returns one result or exception per payload; it may call
+# report(index, value) from its thread to hand a payload's partial result (streamed text) to its request.
+PartialReport = Callable[[int, Any], None]
+GroupRunner = Callable[[Hashable, Sequence[Any], PartialReport], Sequence[Any]]
 # A continuous runner takes newly admitted (handle, payload) pairs, advances every running request one step and
 # returns what happened: (handle, "partial" | "result" | "error", value) triples, and how many are still running.
 StepRunner = Callable[[Sequence[tuple[int, Any]]], tuple[list[tuple[int, str, Any]], int]]
@@ -162,9 +165,14 @@ class Batcher:
     async def _run_group_of(self, key: Hashable, items: list[_Item]) -> None:
         started = time.perf_counter()
         self._in_group = True
+        loop = asyncio.get_running_loop()
+
+        def report(index: int, value: Any) -> None:  # called on the executor's thread
+            loop.call_soon_threadsafe(_deliver_partial, items[index], value)
+
         try:
-            results = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._run_group, key, [item.payload for item in items]
+            results = await loop.run_in_executor(
+                self._executor, self._run_group, key, [item.payload for item in items], report
             )
         except Exception as error:  # the group's failure is its requests' failure, not the worker's
             logger.exception("batch for %s failed", key)
@@ -202,8 +210,7 @@ class Batcher:
             if item is None:
                 continue
             if kind == "partial":
-                if item.on_partial is not None and not item.future.done():
-                    item.on_partial(value)
+                _deliver_partial(item, value)
                 continue
             del self._live[handle]
             _resolve(item, value)
@@ -211,6 +218,11 @@ class Batcher:
             self._step_key = admitted[0].key
         self._on_batch(BatchStats(key=self._step_key, size=stepped + len(admitted),
                                   queue_waits=[started - i.enqueued_at for i in admitted], seconds=seconds))
+
+
+def _deliver_partial(item: _Item, value: Any) -> None:
+    if item.on_partial is not None and not item.future.done():
+        item.on_partial(value)
 
 
 def _resolve(item: _Item, result: Any) -> None:

@@ -7,7 +7,7 @@ rows are routed per row, prefix rows carry their prefix in their part of the cac
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -194,14 +194,22 @@ def _generator(seed: int | None, runner: ModelRunner) -> torch.Generator | None:
 
 
 def generate(
-    runner: ModelRunner, adapters: Sequence[LoadedAdapter | None], jobs: Sequence[GenerationJob]
+    runner: ModelRunner,
+    adapters: Sequence[LoadedAdapter | None],
+    jobs: Sequence[GenerationJob],
+    on_text: Callable[[int, str], None] | None = None,
 ) -> list[Generation]:
-    """Run jobs to completion as one batch (rows admitted together, leaving as they finish)."""
+    """Run jobs to completion as one batch (rows admitted together, leaving as they finish); ``on_text`` gets
+    (job index, new text) as it is generated."""
     engine = GenerationEngine(runner)
     done: dict[Hashable, Generation] = {}
     events = engine.step(list(zip(range(len(jobs)), adapters, jobs)))
     while True:
-        done.update((e.handle, e.generation) for e in events if isinstance(e, DoneEvent))
+        for event in events:
+            if isinstance(event, DoneEvent):
+                done[event.handle] = event.generation
+            elif on_text is not None:
+                on_text(event.handle, event.text)
         if not engine.active:
             break
         events = engine.step()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -12,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
-from tests.api.conftest import tiny_settings
+from tests.api.conftest import tiny_settings, wait_ready
 from tests.servers import serve
 
 
@@ -24,8 +25,19 @@ def _events(text: str) -> list[tuple[str, dict]]:
     return events
 
 
-def test_stream_adds_up_to_the_plain_answer(client: TestClient) -> None:
-    body = {"adapter": "prefix-gen", "prompt": "Tell me", "max_new_tokens": 12}
+@pytest.fixture(params=["mixed", "grouped"])
+def strategy_client(request: pytest.FixtureRequest, tiny_base: Path, store_copy: Path) -> Iterator[TestClient]:
+    """Both batching strategies stream token by token."""
+    app = create_app(tiny_settings(store_copy, base_model=str(tiny_base), batching=request.param))
+    with TestClient(app) as test_client:
+        wait_ready(test_client)
+        yield test_client
+
+
+@pytest.mark.parametrize("adapter", ["prefix-gen", "lora-gen"])
+def test_stream_adds_up_to_the_plain_answer(strategy_client: TestClient, adapter: str) -> None:
+    client = strategy_client
+    body = {"adapter": adapter, "prompt": "Tell me", "max_new_tokens": 12}
     plain = client.post("/v1/generate", json=body).json()
     response = client.post("/v1/generate", json={**body, "stream": True})
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")

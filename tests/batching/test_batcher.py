@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service.batching.batcher import Batcher, BatchStats
+from service.batching.batcher import Batcher, BatchStats, PartialReport
 from service.errors import QueueFull
 
 
@@ -20,7 +20,7 @@ def _run(coroutine):
 def test_groups_by_key_and_keeps_order() -> None:
     calls: list[tuple[Hashable, list[int]]] = []
 
-    def run_group(key: Hashable, payloads: Sequence[int]) -> list[str]:
+    def run_group(key: Hashable, payloads: Sequence[int], report: PartialReport) -> list[str]:
         assert threading.current_thread().name.startswith("model")  # off the event loop
         calls.append((key, list(payloads)))
         return [f"{key}:{p}" for p in payloads]
@@ -37,11 +37,30 @@ def test_groups_by_key_and_keeps_order() -> None:
     assert sorted(calls) == [("a", [0, 2, 4]), ("b", [1, 3, 5])]
 
 
+def test_a_group_reports_partial_results_to_each_request_before_its_result() -> None:
+    def run_group(key: Hashable, payloads: Sequence[int], report: PartialReport) -> list[str]:
+        for step in range(3):
+            for index, payload in enumerate(payloads):
+                report(index, f"{payload}.{step}")
+        return [f"done {p}" for p in payloads]
+
+    async def main() -> dict[int, list[str]]:
+        seen: dict[int, list[str]] = {0: [], 1: []}
+        batcher = Batcher(run_group, ThreadPoolExecutor(1), max_batch_size=8, max_wait_ms=20, max_queue_size=10)
+        batcher.start()
+        results = await asyncio.gather(*(batcher.submit("k", i, seen[i].append) for i in (0, 1)))
+        await batcher.stop()
+        for i, result in enumerate(results):
+            seen[i].append(result)
+        return seen
+
+    assert _run(main()) == {i: [f"{i}.0", f"{i}.1", f"{i}.2", f"done {i}"] for i in (0, 1)}
+
 def test_respects_max_batch_size() -> None:
     sizes: list[int] = []
 
     async def main() -> None:
-        batcher = Batcher(lambda key, payloads: list(payloads), ThreadPoolExecutor(1), max_batch_size=3,
+        batcher = Batcher(lambda key, payloads, report: list(payloads), ThreadPoolExecutor(1), max_batch_size=3,
                           max_wait_ms=20, max_queue_size=100, on_batch=lambda s: sizes.append(s.size))
         batcher.start()
         await asyncio.gather(*(batcher.submit("k", i) for i in range(7)))
@@ -52,7 +71,7 @@ def test_respects_max_batch_size() -> None:
 
 
 def test_a_failing_group_fails_only_its_requests_and_the_worker_survives() -> None:
-    def run_group(key: Hashable, payloads: Sequence[int]) -> list[object]:
+    def run_group(key: Hashable, payloads: Sequence[int], report: PartialReport) -> list[object]:
         if key == "bad":
             raise RuntimeError("corrupt adapter")
         return [ValueError("odd") if p % 2 else p for p in payloads]
@@ -73,7 +92,7 @@ def test_a_failing_group_fails_only_its_requests_and_the_worker_survives() -> No
 def test_full_queue_refuses_at_once() -> None:
     release = threading.Event()
 
-    def slow(key: Hashable, payloads: Sequence[int]) -> list[int]:
+    def slow(key: Hashable, payloads: Sequence[int], report: PartialReport) -> list[int]:
         release.wait(5)
         return list(payloads)
 
@@ -97,7 +116,7 @@ def test_stats_report_queue_wait() -> None:
     stats: list[BatchStats] = []
 
     async def main() -> None:
-        batcher = Batcher(lambda k, p: list(p), ThreadPoolExecutor(1), max_batch_size=4, max_wait_ms=30,
+        batcher = Batcher(lambda k, p, report: list(p), ThreadPoolExecutor(1), max_batch_size=4, max_wait_ms=30,
                           max_queue_size=10, on_batch=stats.append)
         batcher.start()
         await asyncio.gather(*(batcher.submit("k", i) for i in range(4)))
@@ -112,7 +131,7 @@ def test_stop_fails_waiting_requests_with_not_ready() -> None:
 
     release = threading.Event()
 
-    def slow(key: Hashable, payloads: Sequence[int]) -> list[int]:
+    def slow(key: Hashable, payloads: Sequence[int], report: PartialReport) -> list[int]:
         release.wait(5)
         return list(payloads)
 
