@@ -17,6 +17,7 @@ from service.domain import AdapterInfo, Classification, Generation, GenerationPa
 from service.errors import AdapterNotFound, DeadlineExceeded, InvalidRequest, WrongTask
 from service.metrics import Metrics
 from service.model.adapters import LoadedAdapter
+from service.model.buckets import length_buckets
 from service.model.engine import DoneEvent, GenerationEngine, generate
 from service.model.resident import ResidentAdapters
 from service.model.runner import GenerationJob, ModelRunner
@@ -274,11 +275,11 @@ class InferenceService:
             for index, (adapter, payload) in enumerate(zip(adapters, payloads)) if index not in failures
             for ids in payload.inputs
         ]
-        step = self.settings.max_batch_size
-        probabilities: list[list[float]] = []
-        for start in range(0, len(rows), step):
-            chunk = rows[start:start + step]
-            probabilities += self.runner.classify([a for a, _ in chunk], [ids for _, ids in chunk])
+        probabilities: list[list[float]] = [[] for _ in rows]
+        for bucket in length_buckets([len(ids) for _, ids in rows], self.settings.max_batch_size):
+            got = self.runner.classify([rows[i][0] for i in bucket], [rows[i][1] for i in bucket])
+            for index, values in zip(bucket, got):
+                probabilities[index] = values
         results: list = []
         cursor = 0
         for index, payload in enumerate(payloads):

@@ -14,6 +14,7 @@ import torch
 
 from service.domain import Generation
 from service.model.adapters import LoadedAdapter
+from service.model.buckets import length_buckets
 from service.model.kv_cache import KVCache
 from service.model.runner import GenerationJob, ModelRunner
 
@@ -77,8 +78,9 @@ class GenerationEngine:
         with torch.inference_mode():
             if self._rows:
                 self._decode(events)
-            if admitted:
-                self._admit(admitted, events)
+            # Prompts are prefilled in passes of similar lengths, so short prompts are not padded to long ones.
+            for bucket in length_buckets([len(job.prompt_ids) for _, _, job in admitted], max(1, len(admitted))):
+                self._admit([admitted[index] for index in bucket], events)
         return events
 
     def _decode(self, events: list[Event]) -> None:
