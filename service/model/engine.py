@@ -15,7 +15,7 @@ import torch
 from service.domain import Generation
 from service.model.adapters import LoadedAdapter
 from service.model.buckets import length_buckets
-from service.model.kv_cache import KVCache
+from service.model.kv_cache import KVCache, stack_right_aligned
 from service.model.runner import GenerationJob, ModelRunner
 
 
@@ -172,19 +172,10 @@ def _merge(
     """Stack two batches' caches, left-padding the shorter so every row's newest entry stays at the end."""
     width = max(mask_a.shape[1], mask_b.shape[1])
 
-    def pad(tensor: torch.Tensor, dim: int) -> torch.Tensor:
-        missing = width - tensor.shape[dim]
-        if missing == 0:
-            return tensor
-        shape = list(tensor.shape)
-        shape[dim] = missing
-        return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+    def pad(mask: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(mask, (width - mask.shape[1], 0))
 
-    layers = [
-        (torch.cat([pad(a.keys, 2), pad(b.keys, 2)]), torch.cat([pad(a.values, 2), pad(b.values, 2)]))
-        for a, b in zip(cache_a.layers, cache_b.layers)
-    ]
-    return KVCache(layers), torch.cat([pad(mask_a, 1), pad(mask_b, 1)])
+    return stack_right_aligned([cache_a, cache_b], width), torch.cat([pad(mask_a), pad(mask_b)])
 
 
 def _generator(seed: int | None, runner: ModelRunner) -> torch.Generator | None:

@@ -41,6 +41,12 @@ class GrowingLayer(DynamicLayer):
         self.values = self._value_buffer[:, :, :needed]
         return self.keys, self.values
 
+    def adopt(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int) -> None:
+        """Take buffers whose first ``length`` columns hold the keys and values."""
+        self.lazy_initialization(key_buffer, value_buffer)
+        self._key_buffer, self._value_buffer = key_buffer, value_buffer
+        self.keys, self.values = key_buffer[:, :, :length], value_buffer[:, :, :length]
+
     def _holds_current(self, batch: int, needed: int) -> bool:
         """Whether ``keys``/``values`` are still the leading columns of the buffers, with room for ``needed``."""
         buffer = self._key_buffer
@@ -79,3 +85,27 @@ class KVCache(DynamicCache):
             layer.update(keys, values)
             filled.append(layer)
         Cache.__init__(self, layers=filled)
+
+
+def stack_right_aligned(caches: Sequence[KVCache], width: int) -> KVCache:
+    """The rows of several caches in one, each row's entries ending at column ``width`` (zeros before them), written
+    once into buffers with room to grow."""
+    stacked: list[GrowingLayer] = []
+    for parts in zip(*(cache.layers for cache in caches)):
+        batch = sum(part.keys.shape[0] for part in parts)
+        capacity = width + max(width, _MIN_ROOM)
+        keys, values = parts[0].keys, parts[0].values
+        key_buffer = keys.new_zeros((batch, keys.shape[1], capacity, keys.shape[3]))
+        value_buffer = values.new_zeros((batch, values.shape[1], capacity, values.shape[3]))
+        row = 0
+        for part in parts:
+            rows, length = part.keys.shape[0], part.keys.shape[2]
+            key_buffer[row:row + rows, :, width - length:width] = part.keys
+            value_buffer[row:row + rows, :, width - length:width] = part.values
+            row += rows
+        layer = GrowingLayer()
+        layer.adopt(key_buffer, value_buffer, width)
+        stacked.append(layer)
+    cache = KVCache()
+    cache.layers, cache.layer_class_to_replicate = stacked, None
+    return cache

@@ -1,6 +1,6 @@
 import torch
 
-from service.model.kv_cache import GrowingLayer, KVCache
+from service.model.kv_cache import GrowingLayer, KVCache, stack_right_aligned
 
 
 def _states(batch: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,3 +41,15 @@ def test_an_empty_cache_grows_layers_on_first_use() -> None:
     cache.update(*states, 0)
     cache.update(*states, 1)
     assert len(cache.layers) == 2 and cache.get_seq_length() == 3
+
+
+def test_stacking_aligns_every_row_to_the_right_and_keeps_growing() -> None:
+    short, long = KVCache([_states(2, 3, 0)]), KVCache([_states(1, 5, 1)])
+    stacked = stack_right_aligned([short, long], width=5)
+    keys = stacked.layers[0].keys
+    assert keys.shape == (3, 2, 5, 4)
+    assert torch.equal(keys[:2, :, 2:], short.layers[0].keys) and not keys[:2, :, :2].any()
+    assert torch.equal(keys[2:], long.layers[0].keys)
+    new_keys, new_values = _states(3, 1, 2)
+    got_keys, _ = stacked.update(new_keys, new_values, 0)
+    assert torch.equal(got_keys[:, :, 5:], new_keys) and got_keys.data_ptr() == keys.data_ptr()
