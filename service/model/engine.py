@@ -175,7 +175,7 @@ def _merge(
     def pad(mask: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.pad(mask, (width - mask.shape[1], 0))
 
-    return stack_right_aligned([cache_a, cache_b], width), torch.cat([pad(mask_a), pad(mask_b)])
+    return stack_right_aligned([cache_a.entries(), cache_b.entries()], width), torch.cat([pad(mask_a), pad(mask_b)])
 
 
 def _generator(seed: int | None, runner: ModelRunner) -> torch.Generator | None:

@@ -16,6 +16,13 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 _MIN_ROOM = 32  # columns of headroom given at least, so short generations reallocate once or twice
 
+Entries = Sequence[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values): [rows, heads, columns, dim]
+
+
+def _capacity(needed: int) -> int:
+    """Columns to allocate for ``needed``: doubling, so appends cost amortised constant time."""
+    return needed + max(needed, _MIN_ROOM)
+
 
 class GrowingLayer(DynamicLayer):
     """A ``DynamicLayer`` whose ``keys``/``values`` are views into larger buffers."""
@@ -33,7 +40,7 @@ class GrowingLayer(DynamicLayer):
         length = self.get_seq_length()
         needed = length + key_states.shape[-2]
         if not self._holds_current(key_states.shape[0], needed):
-            self._move_to_new_buffers(needed + max(needed, _MIN_ROOM), key_states, value_states, length)
+            self._move_to_new_buffers(_capacity(needed), key_states, value_states, length)
         assert self._key_buffer is not None and self._value_buffer is not None
         self._key_buffer[:, :, length:needed] = key_states
         self._value_buffer[:, :, length:needed] = value_states
@@ -73,39 +80,34 @@ class GrowingLayer(DynamicLayer):
 
 
 class KVCache(DynamicCache):
-    """A ``DynamicCache`` made of ``GrowingLayer``s, optionally filled with per-layer (keys, values)."""
+    """A ``DynamicCache`` made of ``GrowingLayer``s (empty ones added as layers are first used)."""
 
-    def __init__(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> None:
-        if not layers:
+    def __init__(self, layers: Sequence[GrowingLayer] = ()) -> None:
+        if layers:
+            Cache.__init__(self, layers=list(layers))
+        else:
             Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
-            return
-        filled = []
-        for keys, values in layers:
-            layer = GrowingLayer()
-            layer.update(keys, values)
-            filled.append(layer)
-        Cache.__init__(self, layers=filled)
+
+    def entries(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(layer.keys, layer.values) for layer in self.layers]
 
 
-def stack_right_aligned(caches: Sequence[KVCache], width: int) -> KVCache:
-    """The rows of several caches in one, each row's entries ending at column ``width`` (zeros before them), written
-    once into buffers with room to grow."""
+def stack_right_aligned(parts: Sequence[Entries], width: int) -> KVCache:
+    """One cache holding the rows of every part, each row's entries ending at column ``width`` (zeros before
+    them), written once into buffers with room to grow."""
     stacked: list[GrowingLayer] = []
-    for parts in zip(*(cache.layers for cache in caches)):
-        batch = sum(part.keys.shape[0] for part in parts)
-        capacity = width + max(width, _MIN_ROOM)
-        keys, values = parts[0].keys, parts[0].values
-        key_buffer = keys.new_zeros((batch, keys.shape[1], capacity, keys.shape[3]))
-        value_buffer = values.new_zeros((batch, values.shape[1], capacity, values.shape[3]))
+    for layer_parts in zip(*parts):
+        batch = sum(keys.shape[0] for keys, _ in layer_parts)
+        keys, values = layer_parts[0]
+        key_buffer = keys.new_zeros((batch, keys.shape[1], _capacity(width), keys.shape[3]))
+        value_buffer = values.new_zeros((batch, values.shape[1], _capacity(width), values.shape[3]))
         row = 0
-        for part in parts:
-            rows, length = part.keys.shape[0], part.keys.shape[2]
-            key_buffer[row:row + rows, :, width - length:width] = part.keys
-            value_buffer[row:row + rows, :, width - length:width] = part.values
+        for keys, values in layer_parts:
+            rows, length = keys.shape[0], keys.shape[2]
+            key_buffer[row:row + rows, :, width - length:width] = keys
+            value_buffer[row:row + rows, :, width - length:width] = values
             row += rows
         layer = GrowingLayer()
         layer.adopt(key_buffer, value_buffer, width)
         stacked.append(layer)
-    cache = KVCache()
-    cache.layers, cache.layer_class_to_replicate = stacked, None
-    return cache
+    return KVCache(stacked)

@@ -18,7 +18,7 @@ from service.domain import AdapterInfo, GenerationParams
 from service.errors import InvalidRequest
 from service.model.adapters import LoadedAdapter, LoraHost, load_adapter
 from service.model.gathered import GatheredLora
-from service.model.kv_cache import KVCache
+from service.model.kv_cache import KVCache, stack_right_aligned
 from service.model.loading import BaseModel
 
 
@@ -154,22 +154,14 @@ class ModelRunner:
         if longest == 0:
             return KVCache(), mask
         first = next(a for a in adapters if a is not None and a.prefix is not None)
-        if all(a is first for a in adapters):  # one prefix for all rows: no copies
-            mask[:] = 1
-            return KVCache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in first.prefix]), mask
-        layers = []
-        for layer, (key, value) in enumerate(first.prefix):
-            keys = key.new_zeros((batch, key.shape[1], longest, key.shape[3]))
-            values = torch.zeros_like(keys)
-            for row, adapter in enumerate(adapters):
-                if lengths[row]:
-                    row_key, row_value = adapter.prefix[layer]
-                    keys[row, :, longest - lengths[row]:] = row_key[0]
-                    values[row, :, longest - lengths[row]:] = row_value[0]
-            layers.append((keys, values))
         for row, length in enumerate(lengths):
             mask[row, longest - length:] = 1 if length else 0
-        return KVCache(layers), mask
+        if all(a is first for a in adapters):  # one prefix for all rows: one copy per layer
+            return stack_right_aligned([[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
+                                         for k, v in first.prefix]], longest), mask
+        no_prefix = [(k[:, :, :0], v[:, :, :0]) for k, v in first.prefix]
+        rows = [no_prefix if a is None or a.prefix is None else a.prefix for a in adapters]
+        return stack_right_aligned(rows, longest), mask
 
     def _backbone(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: KVCache | None

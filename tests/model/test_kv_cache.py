@@ -24,7 +24,7 @@ def test_appending_gives_the_concatenation_and_reuses_the_buffer() -> None:
 
 
 def test_rows_selected_or_columns_trimmed_from_outside_are_respected() -> None:
-    cache = KVCache([_states(4, 6, 0)])
+    cache = stack_right_aligned([[_states(4, 6, 0)]], width=6)
     layer = cache.layers[0]
     keys, values = layer.keys.clone(), layer.values.clone()
     cache.batch_select_indices(torch.tensor([3, 1]))
@@ -44,12 +44,12 @@ def test_an_empty_cache_grows_layers_on_first_use() -> None:
 
 
 def test_stacking_aligns_every_row_to_the_right_and_keeps_growing() -> None:
-    short, long = KVCache([_states(2, 3, 0)]), KVCache([_states(1, 5, 1)])
+    short, long = [_states(2, 3, 0)], [_states(1, 5, 1)]
     stacked = stack_right_aligned([short, long], width=5)
     keys = stacked.layers[0].keys
     assert keys.shape == (3, 2, 5, 4)
-    assert torch.equal(keys[:2, :, 2:], short.layers[0].keys) and not keys[:2, :, :2].any()
-    assert torch.equal(keys[2:], long.layers[0].keys)
+    assert torch.equal(keys[:2, :, 2:], short[0][0]) and not keys[:2, :, :2].any()
+    assert torch.equal(keys[2:], long[0][0])
     new_keys, new_values = _states(3, 1, 2)
     got_keys, _ = stacked.update(new_keys, new_values, 0)
     assert torch.equal(got_keys[:, :, 5:], new_keys) and got_keys.data_ptr() == keys.data_ptr()
