@@ -9,12 +9,21 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service.batching.batcher import Batcher, BatchStats, PartialReport
+from service.batching.batcher import Batcher, BatchStats, GroupRunner, PartialReport
 from service.errors import QueueFull
 
 
 def _run(coroutine):
     return asyncio.run(coroutine)
+
+
+def _held_until(release: threading.Event) -> GroupRunner:
+    """A group runner that echoes its payloads once ``release`` is set, holding the worker until then."""
+    def run_group(key: Hashable, payloads: Sequence[int], report: PartialReport) -> list[int]:
+        release.wait(5)
+        return list(payloads)
+
+    return run_group
 
 
 def test_groups_by_key_and_keeps_order() -> None:
@@ -92,9 +101,7 @@ def test_a_failing_group_fails_only_its_requests_and_the_worker_survives() -> No
 def test_full_queue_refuses_at_once() -> None:
     release = threading.Event()
 
-    def slow(key: Hashable, payloads: Sequence[int], report: PartialReport) -> list[int]:
-        release.wait(5)
-        return list(payloads)
+    slow = _held_until(release)
 
     async def main() -> None:
         batcher = Batcher(slow, ThreadPoolExecutor(1), max_batch_size=1, max_wait_ms=0, max_queue_size=2)
@@ -131,9 +138,7 @@ def test_stop_fails_waiting_requests_with_not_ready() -> None:
 
     release = threading.Event()
 
-    def slow(key: Hashable, payloads: Sequence[int], report: PartialReport) -> list[int]:
-        release.wait(5)
-        return list(payloads)
+    slow = _held_until(release)
 
     async def main() -> None:
         batcher = Batcher(slow, ThreadPoolExecutor(1), max_batch_size=1, max_wait_ms=0, max_queue_size=10)
