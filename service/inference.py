@@ -16,7 +16,7 @@ from service.batching.batcher import Batcher, BatchStats, PartialReport
 from service.domain import AdapterInfo, Classification, Generation, GenerationParams, Task
 from service.errors import AdapterNotFound, DeadlineExceeded, InvalidRequest, WrongTask
 from service.metrics import Metrics
-from service.model.adapters import LoadedAdapter
+from service.model.adapters import CONFIG_FILE, WEIGHTS_FILE, LoadedAdapter
 from service.model.buckets import length_buckets
 from service.model.engine import DoneEvent, GenerationEngine, generate
 from service.model.resident import ResidentAdapters
@@ -238,8 +238,10 @@ class InferenceService:
         return events, self.engine.active
 
     def _load_failure(self, info: AdapterInfo, error: Exception) -> Exception:
-        """An adapter deleted between the request's check and its load is gone (404), not broken."""
-        if not (self.store.root / info.name).is_dir():
+        """An adapter deleted between the request's check and its load is gone (404), not broken: its folder, or a
+        file the check saw there, is missing now (a folder removed file by file is seen half-deleted)."""
+        folder = self.store.root / info.name
+        if not all((folder / file).is_file() for file in (CONFIG_FILE, WEIGHTS_FILE)):
             return AdapterNotFound(f"adapter {info.name!r} was deleted")
         return error
 

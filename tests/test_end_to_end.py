@@ -1,5 +1,6 @@
 """The real thing: the embedded default model behind a real HTTP server on loopback, with the demo adapters and
-an adapter made with plain PEFT and uploaded through the admin API; answers equal plain PEFT's."""
+an adapter made with plain PEFT and uploaded through the admin API; answers equal plain PEFT's and differ from the
+base's (the same head on the bare base, for classifiers)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import httpx
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, TaskType, get_peft_model
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from service.api.app import create_app
@@ -51,6 +53,22 @@ def _peft_greedy(model, tokenizer, text: str, max_new_tokens: int) -> str:
     return tokenizer.decode(output[0][encoded["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def _head_on_bare_base(embedded_folder: Path, adapter: Path, num_labels: int, tokenizer, text: str) -> torch.Tensor:
+    """Probabilities of the adapter's saved head on the base without its LoRA or prefix."""
+    model = AutoModelForSequenceClassification.from_pretrained(embedded_folder, num_labels=num_labels).eval()
+    model.config.pad_token_id = tokenizer.pad_token_id
+    head = {k.rsplit(".", 1)[-1]: v for k, v in load_file(adapter / "adapter_model.safetensors").items()
+            if ".score." in k}
+    with torch.no_grad():
+        model.score.weight.copy_(head["weight"])
+        return torch.softmax(model(**tokenizer(text, return_tensors="pt")).logits, -1)[0]
+
+
+def _base_answer(server: str, prompt: str, max_new_tokens: int, chat: bool = True) -> str:
+    body = {"adapter": None, "prompt": prompt, "chat": chat, "max_new_tokens": max_new_tokens}
+    return httpx.post(f"{server}/v1/generate", json=body, timeout=120).json()["text"]
+
+
 def test_base_model_answers_through_chat_template(server: str) -> None:
     body = {"prompt": "What is the capital of France?", "chat": True, "max_new_tokens": 20}
     answer = httpx.post(f"{server}/v1/generate", json=body, timeout=60).json()
@@ -79,8 +97,10 @@ def test_demo_adapters_match_plain_peft(server: str, embedded_folder: Path, toke
             for text, result in zip(texts, got.json()["results"]):
                 with torch.no_grad():
                     expected = torch.softmax(model(**tokenizer(text, return_tensors="pt")).logits, -1)[0]
-                assert torch.allclose(torch.tensor([result["scores"][l] for l in entry["labels"]]), expected,
-                                      atol=1e-4)
+                ours = torch.tensor([result["scores"][l] for l in entry["labels"]])
+                assert torch.allclose(ours, expected, atol=1e-4)
+                bare = _head_on_bare_base(embedded_folder, path, 2, tokenizer, text)
+                assert (ours - bare).abs().max() > 1e-2, (entry["name"], text)
             labels = [r["label"] for r in got.json()["results"]]
             assert labels == ["positive", "negative"]
         else:
@@ -88,6 +108,7 @@ def test_demo_adapters_match_plain_peft(server: str, embedded_folder: Path, toke
             got = httpx.post(f"{server}/v1/generate", json=body, timeout=120).json()
             model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(embedded_folder), path).eval()
             assert got["text"] == _peft_greedy(model, tokenizer, _chat(tokenizer, prompt), 24), entry["name"]
+            assert got["text"] != _base_answer(server, prompt, 24), entry["name"]
 
 
 def _zip_adapter(folder: Path) -> bytes:
@@ -127,7 +148,9 @@ def test_user_adapters_uploaded_and_served_like_peft(server: str, embedded_folde
     with torch.no_grad():
         expected = torch.softmax(reference(**tokenizer(text, return_tensors="pt")).logits, -1)[0]
     scores = got["results"][0]["scores"]
-    assert torch.allclose(torch.tensor([scores[f"LABEL_{i}"] for i in range(3)]), expected, atol=1e-4)
+    ours = torch.tensor([scores[f"LABEL_{i}"] for i in range(3)])
+    assert torch.allclose(ours, expected, atol=1e-4)
+    assert (ours - _head_on_bare_base(embedded_folder, tmp_path / "cls", 3, tokenizer, text)).abs().max() > 1e-3
 
     prompts = ["Tell me a story", "List three colors:", "2 + 2 ="]
     with ThreadPoolExecutor(len(prompts)) as pool:  # concurrent: they share a batch
@@ -137,6 +160,8 @@ def test_user_adapters_uploaded_and_served_like_peft(server: str, embedded_folde
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(embedded_folder), tmp_path / "gen")
     for prompt, answer in zip(prompts, answers):
         assert answer["text"] == _peft_greedy(reference.eval(), tokenizer, prompt, 12), prompt
+    changed = [p for p, a in zip(prompts, answers) if a["text"] != _base_answer(server, p, 12, chat=False)]
+    assert len(changed) >= 2, answers
     assert httpx.delete(f"{server}/v1/adapters/user-gen", headers=headers).status_code == 204
     gone = httpx.post(f"{server}/v1/generate", json={"adapter": "user-gen", "prompt": "x"}, timeout=30)
     assert gone.status_code == 404

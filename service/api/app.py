@@ -15,6 +15,7 @@ from service.api.auth import require_api_key
 from service.api.errors import error_response, install_error_handlers
 from service.api.routes import adapters, health, inference
 from service.api.state import AppState
+from service.environment import warn_if_untested
 from service.inference import InferenceService
 from service.metrics import Metrics
 from service.model.loading import load_base_model
@@ -66,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        warn_if_untested()
         state = AppState(
             settings=settings,
             metrics=Metrics(settings.metrics_max_adapter_labels),

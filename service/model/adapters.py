@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from service.domain import AdapterInfo, AdapterKind, Task
 from service.errors import AdapterInvalid
+from service.model.compat import peft_internal_deprecations_silenced
 from service.model.loading import BaseModel
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -161,10 +162,11 @@ class LoraHost:
         except (TypeError, ValueError) as error:
             raise AdapterInvalid(f"{name}: LoRA config is invalid: {error}") from error
         try:
-            if self.peft_model is None:
-                self.peft_model = PeftModel(self._base.model, config, adapter_name=name)
-            else:
-                self.peft_model.add_adapter(name, config)
+            with peft_internal_deprecations_silenced():
+                if self.peft_model is None:
+                    self.peft_model = PeftModel(self._base.model, config, adapter_name=name)
+                else:
+                    self.peft_model.add_adapter(name, config)
         except (ValueError, RuntimeError, KeyError) as error:
             self._discard(name)
             raise AdapterInvalid(f"{name}: cannot apply LoRA to this base: {error}") from error

@@ -17,6 +17,7 @@ import torch
 from service.domain import AdapterInfo, GenerationParams
 from service.errors import InvalidRequest
 from service.model.adapters import LoadedAdapter, LoraHost, load_adapter
+from service.model.compat import cache_keyword
 from service.model.gathered import GatheredLora
 from service.model.kv_cache import KVCache, stack_right_aligned
 from service.model.loading import BaseModel
@@ -52,6 +53,7 @@ class ModelRunner:
         self.max_positions: int = getattr(config, "max_position_embeddings", None) or 1 << 30
         self.eos_token_ids = self._eos_ids()
         self.pad_token_id: int = base.tokenizer.pad_token_id
+        self._cache_keyword = cache_keyword(base.model.base_model)
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -168,7 +170,7 @@ class ModelRunner:
     ) -> torch.Tensor:
         """Last-position hidden state of each row."""
         output = self.base.model.base_model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{self._cache_keyword: cache}
         )
         return output.last_hidden_state[:, -1]
 

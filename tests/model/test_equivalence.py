@@ -1,4 +1,6 @@
-"""The runner's answers equal plain PEFT's for the same adapter and input, for every adapter kind."""
+"""The runner's answers equal plain PEFT's for the same adapter and input, for every adapter kind, and differ from
+the base's: equality alone would pass if both the service and the PEFT reference silently dropped the adapter (as
+PEFT 0.21.2's prefix tuning does on transformers 5.24)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from service.domain import GenerationParams
+from service.model.adapters import LoadedAdapter
 from service.model.engine import generate
 from service.model.runner import GenerationJob, ModelRunner
 from service.store.store import AdapterStore
@@ -46,6 +49,37 @@ def test_classification_matches_peft(name: str, runner: ModelRunner, store: Adap
             expected = torch.softmax(model(**tokenizer(text, return_tensors="pt")).logits, -1)[0]
         assert torch.allclose(torch.tensor(probabilities), expected, atol=1e-4), (name, text)
     runner.unload(adapter)
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_classifier_changes_the_base_answer(name: str, runner: ModelRunner, store: AdapterStore) -> None:
+    """The adapter's LoRA or prefix acts, not only its head: the same head on the bare base answers otherwise."""
+    adapter = runner.load(store.get(name))
+    head_only = LoadedAdapter(info=adapter.info, head=adapter.head)
+    inputs = [runner.base.tokenizer(t)["input_ids"] for t in TEXTS]
+    with_adapter = torch.tensor(runner.classify([adapter] * len(TEXTS), inputs))
+    base_with_head = torch.tensor(runner.classify([head_only] * len(TEXTS), inputs))
+    runner.unload(adapter)
+    for text, ours, base in zip(TEXTS, with_adapter, base_with_head):
+        assert (ours - base).abs().max() > 1e-3, (name, text, ours, base)
+
+
+def _greedy_texts(runner: ModelRunner, adapter: LoadedAdapter | None, lengths: list[int]) -> list[str]:
+    tokenizer = runner.base.tokenizer
+    jobs = [GenerationJob(GenerationParams(prompt=t, max_new_tokens=n), tokenizer(t)["input_ids"])
+            for t, n in zip(TEXTS, lengths)]
+    return [g.text for g in generate(runner, [adapter] * len(jobs), jobs)]
+
+
+@pytest.mark.parametrize("name", GENERATORS)
+def test_generator_changes_the_base_answer(name: str, runner: ModelRunner, store: AdapterStore) -> None:
+    adapter = runner.load(store.get(name))
+    lengths = [8] * len(TEXTS)
+    ours = _greedy_texts(runner, adapter, lengths)
+    runner.unload(adapter)
+    base = _greedy_texts(runner, None, lengths)
+    changed = [text for text, a, b in zip(TEXTS, ours, base) if a != b]
+    assert len(changed) >= len(TEXTS) - 1, (name, ours, base)
 
 
 @pytest.mark.parametrize("name", GENERATORS + [None])

@@ -1,4 +1,5 @@
-"""Rows of different adapters and kinds in one forward pass give each row its single-request PEFT answer."""
+"""Rows of different adapters and kinds in one forward pass give each row its single-request PEFT answer, and that
+answer is not the base's (so a reference that silently dropped an adapter cannot make a test pass)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ GENERATE_ROWS = [
     ("lora-gen", "hello world", 6),
     ("prefix-gen", "a much longer prompt so that the rows have different lengths", 12),
     (None, "base row", 9),
-    ("lora-gen-mlp", "x", 4),
+    ("lora-gen-mlp", "x marks", 4),
     ("prefix-proj-gen", "prefix with projection", 10),
     ("lora-gen", "same adapter twice", 8),
 ]
@@ -55,6 +56,10 @@ def test_mixed_classification_batch(kernel: str, runner: ModelRunner, store: Ada
         with torch.no_grad():
             expected = torch.softmax(model(**tokenizer(text, return_tensors="pt")).logits, -1)[0]
         assert torch.allclose(torch.tensor(probabilities), expected, atol=1e-4), name
+    heads_only = [LoadedAdapter(info=loaded[n].info, head=loaded[n].head) for n, _ in CLASSIFY_ROWS]
+    on_base = runner.classify(heads_only, [tokenizer(t)["input_ids"] for _, t in CLASSIFY_ROWS])
+    for (name, _), ours, base in zip(CLASSIFY_ROWS, got, on_base):
+        assert (torch.tensor(ours) - torch.tensor(base)).abs().max() > 1e-3, name
     if kernel == "gathered":  # the stacked path serves every LoRA adapter of this batch
         assert runner.gathered.supports([a.peft_name for a in loaded.values() if a.peft_name])
     for adapter in loaded.values():
@@ -68,6 +73,9 @@ def test_mixed_generation_batch(kernel: str, runner: ModelRunner, store: Adapter
     jobs = [GenerationJob(GenerationParams(prompt=p, max_new_tokens=n), tokenizer(p)["input_ids"])
             for _, p, n in GENERATE_ROWS]
     got = generate(runner, [loaded.get(name) for name, _, _ in GENERATE_ROWS], jobs)
+    on_base = generate(runner, [None] * len(jobs), jobs)
+    for (name, _, _), generation, base in zip(GENERATE_ROWS, got, on_base):
+        assert (generation.text == base.text) == (name is None), (name, generation.text)
     for (name, prompt, n), generation in zip(GENERATE_ROWS, got):
         model = AutoModelForCausalLM.from_pretrained(tiny_base)
         if name is not None:
