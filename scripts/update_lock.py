@@ -97,9 +97,11 @@ def pytest(venv: Path, *args: str) -> bool:
                           cwd=ROOT).returncode == 0
 
 
-def failed_tests(venv: Path, report: Path) -> list[str]:
+def failed_tests(venv: Path, report: Path, *tests: str) -> list[str]:
+    """The tests (all, or those given) that fail in ``venv``."""
+    report.unlink(missing_ok=True)
     subprocess.run([str(venv / "bin/python"), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf",
-                    f"--junitxml={report}"], cwd=ROOT)
+                    f"--junitxml={report}", *tests], cwd=ROOT)
     text = report.read_text() if report.exists() else ""
     failed: list[str] = []
     for case in re.finditer(r'<testcase classname="([^"]+)" name="([^"]+)"[^>]*?(/>|>(.*?)</testcase>)', text, re.S):
@@ -111,12 +113,15 @@ def failed_tests(venv: Path, report: Path) -> list[str]:
 
 
 def blame(scratch: Path, changed: dict[str, tuple[str, str]], failed: list[str]) -> list[str]:
-    """Packages whose new version alone, on top of the old lock, makes the failed tests fail."""
+    """Packages whose new version alone, on top of the old lock, makes tests fail that pass on the old lock."""
     venv = scratch / "blame-venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     install(venv, LOCK_DIR)
-    if not pytest(venv, *failed):
-        print("the failed tests fail on the old lock too: the failure is not from the upgrade", flush=True)
+    also_old = set(failed_tests(venv, scratch / "old.xml", *failed))
+    if also_old:
+        print("these fail on the old lock too (not from the upgrade):", *sorted(also_old), sep="\n  ", flush=True)
+    regressions = [test for test in failed if test not in also_old]
+    if not regressions:
         return []
     culprits: list[str] = []
     for name, (old, new) in changed.items():
@@ -125,7 +130,7 @@ def blame(scratch: Path, changed: dict[str, tuple[str, str]], failed: list[str])
         print(f"--- trying {name} {old} -> {new} alone", flush=True)
         pip = [str(venv / "bin/python"), "-m", "pip", "install", "--quiet", "--no-deps"]
         subprocess.run([*pip, f"{name}=={new}"], check=True)
-        if not pytest(venv, "-x", *failed):
+        if not pytest(venv, "-x", *regressions):
             culprits.append(f"{name} {old} -> {new}")
         if old != "-" and "," not in old:
             subprocess.run([*pip, f"{name}=={old}"], check=True)
@@ -168,7 +173,7 @@ def main() -> None:
             print("broken by:", *culprits, sep="\n  ")
             print("exclude those versions in pyproject.toml (an upper bound or !=), then run this again")
         else:
-            print("no single package's upgrade breaks them alone: the break needs several together")
+            print("no single package's upgrade breaks them alone (or they fail on the old lock too); see above")
         sys.exit(1)
     finally:
         if args.keep_scratch:

@@ -23,6 +23,14 @@ class AdapterInvalid(ServiceError):
     """An adapter's files are malformed, unsupported, or do not fit the base model."""
 
 
+class AdapterFailed(ServiceError):
+    """An adapter whose forward pass failed at run time; it is quarantined until replaced or deleted."""
+
+
+class Internal(ServiceError):
+    """An unexpected failure not attributable to the request or to an adapter; logged with its traceback."""
+
+
 class UploadInvalid(ServiceError):
     """An uploaded archive is malformed, unsafe, or holds files the store does not accept."""
 

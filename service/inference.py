@@ -1,7 +1,7 @@
-"""The service object routes talk to: checks a request against the store, queues it, and runs batches.
+"""The request side: checks a request against the store, tokenizes it, refuses quarantined adapters, and queues
+it for the batcher; ``service.worker`` runs the batches on the model thread.
 
-``submit``-side work (adapter lookup, tokenization, limits) happens on the event loop so a bad request fails at
-once with its own error; ``run_group`` runs on the model worker thread with the batch the batcher formed.
+Work here happens on the event loop so a bad request fails at once with its own error.
 """
 
 from __future__ import annotations
@@ -10,43 +10,19 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
 
-from service.batching.batcher import Batcher, BatchStats, PartialReport
+from service.batching.batcher import Batcher, BatchStats
 from service.domain import AdapterInfo, Classification, Generation, GenerationParams, Task
-from service.errors import AdapterNotFound, DeadlineExceeded, InvalidRequest, WrongTask
+from service.errors import DeadlineExceeded, InvalidRequest, WrongTask
 from service.metrics import Metrics
-from service.model.adapters import CONFIG_FILE, WEIGHTS_FILE, LoadedAdapter
-from service.model.buckets import length_buckets
-from service.model.engine import DoneEvent, GenerationEngine, generate
 from service.model.resident import ResidentAdapters
 from service.model.runner import GenerationJob, ModelRunner
+from service.quarantine import Quarantine
 from service.settings import Settings
 from service.store.store import AdapterStore
+from service.worker import BatchWorker, ClassifyPayload, GeneratePayload, GroupKey
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GroupKey:
-    """Requests batch together when they share this key: the task alone when batching is mixed, else also the
-    adapter and its content version."""
-
-    adapter: str | None
-    version: str | None
-    task: Task
-
-
-@dataclass(frozen=True)
-class _ClassifyPayload:
-    info: AdapterInfo
-    inputs: list[list[int]]
-
-
-@dataclass(frozen=True)
-class _GeneratePayload:
-    info: AdapterInfo | None
-    job: GenerationJob
 
 
 class InferenceService:
@@ -60,38 +36,23 @@ class InferenceService:
         self.runner = runner
         self.executor = executor
         self.metrics = metrics
-        self.resident = ResidentAdapters(
-            runner,
-            max_loaded=settings.max_loaded_adapters,
-            max_bytes=settings.max_resident_bytes,
-            pinned=set(settings.preload_adapters),
-            refresh=store.get,
-            observe=self._record_resident,
-        )
+        self.quarantine = Quarantine()
+        self.worker = BatchWorker(settings, store, runner, metrics, self.quarantine)
         self.batcher = Batcher(
-            self.run_group,
+            self.worker.run_group,
             executor,
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms,
             max_queue_size=settings.max_queue_size,
             on_batch=self._record_batch,
             on_depth=metrics.queue_depth.set,
-            step=self._step,
+            step=self.worker.step,
             continuous=self._is_continuous,
         )
-        self.engine = GenerationEngine(runner)
 
-    def _record_resident(self, event: str, value: float) -> None:
-        metrics = self.metrics
-        if event in ("hit", "miss", "evict"):
-            metrics.resident_events.labels(event=event).inc(value)
-        elif event in ("load_seconds", "load_error_seconds"):
-            metrics.adapter_load_seconds.observe(value)
-            metrics.adapter_loads.labels(outcome="loaded" if event == "load_seconds" else "error").inc()
-        elif event == "resident":
-            metrics.adapters_loaded.set(value)
-        elif event == "resident_bytes":
-            metrics.resident_bytes.set(value)
+    @property
+    def resident(self) -> ResidentAdapters:
+        return self.worker.resident
 
     def _record_batch(self, stats: BatchStats) -> None:
         task = stats.key.task.value
@@ -115,8 +76,12 @@ class InferenceService:
         return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
 
     async def forget(self, name: str) -> None:
-        """Unload a deleted adapter, serialized with the batches on the worker thread."""
-        await self._on_worker(self.resident.drop, name)
+        """Unload a deleted adapter and clear its quarantine, serialized with the batches on the worker thread."""
+        await self._on_worker(self.worker.forget, name)
+
+    def smoke(self, info: AdapterInfo) -> None:
+        """Run a staged adapter once on the model thread, between batches (called from an upload's thread)."""
+        self.executor.submit(self.worker.smoke, info).result()
 
     # -- requests -------------------------------------------------------------------------------------------------
 
@@ -126,6 +91,7 @@ class InferenceService:
                 raise WrongTask("classification needs an adapter with a classification head; name one in 'adapter'")
             return None
         info = await asyncio.to_thread(self.store.get, name)
+        self.quarantine.check(info)
         if info.task is not task:
             raise WrongTask(f"adapter {name!r} is a {info.task.value} adapter; it cannot serve {task.value}")
         return info
@@ -142,15 +108,15 @@ class InferenceService:
             for index, text in enumerate(texts)
         ]
         key = self._key(info, Task.CLASSIFICATION)
-        return await self._submit(key, _ClassifyPayload(info, inputs))
+        return await self._submit(key, ClassifyPayload(info, inputs))
 
-    async def prepare_generation(self, adapter: str | None, params: GenerationParams) -> _GeneratePayload:
+    async def prepare_generation(self, adapter: str | None, params: GenerationParams) -> GeneratePayload:
         """Everything that can refuse a generation request, done before any response starts."""
         info = await self.adapter_for(adapter, Task.GENERATION)
         prompt_ids = self.runner.encode_prompt(params, self.settings.max_input_tokens)
-        return _GeneratePayload(info, GenerationJob(params, prompt_ids))
+        return GeneratePayload(info, GenerationJob(params, prompt_ids))
 
-    async def generate(self, payload: _GeneratePayload, on_text: Callable[[str], None] | None = None) -> Generation:
+    async def generate(self, payload: GeneratePayload, on_text: Callable[[str], None] | None = None) -> Generation:
         """Run a prepared request; ``on_text`` receives the text as it is generated (for streaming)."""
         try:
             generation = await self._submit(self._key(payload.info, Task.GENERATION), payload, on_text)
@@ -163,7 +129,7 @@ class InferenceService:
         )
         return generation
 
-    async def stream(self, payload: _GeneratePayload) -> AsyncIterator[str | Generation]:
+    async def stream(self, payload: GeneratePayload) -> AsyncIterator[str | Generation]:
         """Text pieces as they are generated, then the final Generation; leaving early frees the row."""
         pieces: asyncio.Queue[str] = asyncio.Queue()
         task = asyncio.create_task(self.generate(payload, pieces.put_nowait))
@@ -200,110 +166,3 @@ class InferenceService:
             raise DeadlineExceeded(
                 f"the request took longer than {self.settings.request_timeout_s:g} s; retry, or ask for less"
             ) from error
-
-    # -- worker thread --------------------------------------------------------------------------------------------
-
-    def run_group(
-        self, key: Hashable, payloads: Sequence[_ClassifyPayload | _GeneratePayload], report: PartialReport
-    ) -> list:
-        assert isinstance(key, GroupKey)
-        try:
-            if key.task is Task.CLASSIFICATION:
-                return self._classify_group(payloads)
-            return self._generate_group(payloads, report)
-        finally:
-            self._collect_unused()
-
-    def _step(self, admitted: Sequence[tuple[int, _GeneratePayload]]) -> tuple[list[tuple[int, str, object]], int]:
-        """One continuous-batching step: admit new requests (loading their adapters), advance every row."""
-        held = {adapter.info.name for adapter in self.engine.adapters_in_use()}
-        adapters, failures = self._acquire_each([payload.info for _, payload in admitted], held)
-        events: list[tuple[int, str, object]] = [
-            (admitted[index][0], "error", error) for index, error in failures.items()
-        ]
-        ready = [
-            (handle, adapter, payload.job)
-            for index, ((handle, payload), adapter) in enumerate(zip(admitted, adapters)) if index not in failures
-        ]
-        try:
-            for event in self.engine.step(ready):
-                if isinstance(event, DoneEvent):
-                    events.append((event.handle, "result", event.generation))
-                else:
-                    events.append((event.handle, "partial", event.text))
-        except Exception as error:  # a failed step fails the rows it held; the engine starts clean
-            logger.exception("generation step failed")
-            events += [(handle, "error", error) for handle in self.engine.abort() + [h for h, _, _ in ready]]
-        self._collect_unused()
-        return events, self.engine.active
-
-    def _load_failure(self, info: AdapterInfo, error: Exception) -> Exception:
-        """An adapter deleted between the request's check and its load is gone (404), not broken: its folder, or a
-        file the check saw there, is missing now (a folder removed file by file is seen half-deleted)."""
-        folder = self.store.root / info.name
-        if not all((folder / file).is_file() for file in (CONFIG_FILE, WEIGHTS_FILE)):
-            return AdapterNotFound(f"adapter {info.name!r} was deleted")
-        return error
-
-    def _collect_unused(self) -> None:
-        self.resident.collect({id(adapter) for adapter in self.engine.adapters_in_use()})
-
-    def _acquire_each(
-        self, infos: Sequence[AdapterInfo | None], held: set[str] = frozenset()
-    ) -> tuple[list[LoadedAdapter | None], dict[int, Exception]]:
-        """Load each distinct adapter of a batch once, evicting none of the batch's (or ``held``) ones; an adapter
-        that fails to load fails its own requests, not the batch."""
-        protect = set(held) | {info.name for info in infos if info is not None}
-        outcomes: dict[str, LoadedAdapter | Exception] = {}
-        adapters: list[LoadedAdapter | None] = []
-        failures: dict[int, Exception] = {}
-        for index, info in enumerate(infos):
-            if info is not None and info.name not in outcomes:
-                try:
-                    outcomes[info.name] = self.resident.acquire(info, protect)
-                except Exception as error:  # corrupt or vanished files: that request's error alone
-                    outcomes[info.name] = self._load_failure(info, error)
-            outcome = None if info is None else outcomes[info.name]
-            if isinstance(outcome, Exception):
-                failures[index] = outcome
-                outcome = None
-            adapters.append(outcome)
-        return adapters, failures
-
-    def _classify_group(self, payloads: Sequence[_ClassifyPayload]) -> list:
-        adapters, failures = self._acquire_each([payload.info for payload in payloads])
-        rows = [
-            (adapter, ids)
-            for index, (adapter, payload) in enumerate(zip(adapters, payloads)) if index not in failures
-            for ids in payload.inputs
-        ]
-        probabilities: list[list[float]] = [[] for _ in rows]
-        for bucket in length_buckets([len(ids) for _, ids in rows], self.settings.max_batch_size):
-            got = self.runner.classify([rows[i][0] for i in bucket], [rows[i][1] for i in bucket])
-            for index, values in zip(bucket, got):
-                probabilities[index] = values
-        results: list = []
-        cursor = 0
-        for index, payload in enumerate(payloads):
-            if index in failures:
-                results.append(failures[index])
-                continue
-            mine = probabilities[cursor:cursor + len(payload.inputs)]
-            cursor += len(payload.inputs)
-            results.append([_classification(payload.info.labels or [], probs) for probs in mine])
-        return results
-
-    def _generate_group(self, payloads: Sequence[_GeneratePayload], report: PartialReport) -> list:
-        adapters, failures = self._acquire_each([payload.info for payload in payloads])
-        healthy = [index for index in range(len(payloads)) if index not in failures]
-        generations = iter(
-            generate(self.runner, [adapters[i] for i in healthy], [payloads[i].job for i in healthy],
-                     on_text=lambda row, text: report(healthy[row], text)) if healthy else []
-        )
-        return [failures[index] if index in failures else next(generations) for index in range(len(payloads))]
-
-
-def _classification(labels: list[str], probabilities: list[float]) -> Classification:
-    scores = {label: probability for label, probability in zip(labels, probabilities)}
-    best = max(range(len(probabilities)), key=probabilities.__getitem__)
-    return Classification(label=labels[best], score=probabilities[best], scores=scores)

@@ -57,6 +57,16 @@ class Metrics:
         self.generated_tokens = Counter(
             "service_generated_tokens_total", "Tokens generated, by adapter.", ["adapter"], registry=r,
         )
+        self.adapter_failures = Counter(
+            "service_adapter_failures_total",
+            "Adapters that failed at run time (stage: load or forward) and were quarantined; 'forward' failures "
+            "were isolated from the other rows of their batch.",
+            ["adapter", "stage"], registry=r,
+        )
+        self.internal_errors = Counter(
+            "service_internal_errors_total", "Unexpected errors answered with 500 (where: route or batch).",
+            ["where"], registry=r,
+        )
         self.ready = Gauge("service_ready", "1 once the base model is loaded and the batcher runs.", registry=r)
 
     def adapter_label(self, adapter: str | None) -> str:

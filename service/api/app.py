@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI
 
 from service.api.auth import require_api_key
-from service.api.errors import error_response, install_error_handlers
+from service.api.errors import install_error_handlers
+from service.api.middleware import ServiceMiddleware
 from service.api.routes import adapters, health, inference
 from service.api.state import AppState
 from service.environment import warn_if_untested
@@ -46,20 +46,6 @@ async def _boot(state: AppState) -> None:
     except Exception as error:
         logger.exception("start-up failed")
         state.phase, state.message = "failed", str(error)
-
-
-def _too_large(request: Request, settings: Settings) -> Response | None:
-    """Refuse a body by its declared length before reading it."""
-    declared = request.headers.get("content-length", "")
-    if not declared.isdigit():
-        return None
-    upload = request.method == "POST" and request.url.path.rstrip("/") == "/v1/adapters"
-    # Multipart framing adds a little around the archive itself.
-    limit = settings.max_upload_bytes + 64 * 1024 if upload else settings.max_request_bytes
-    if int(declared) <= limit:
-        return None
-    return error_response(413, "UploadTooLarge" if upload else "RequestTooLarge",
-                          f"the request body is {declared} bytes; the limit is {limit}")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -96,17 +82,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(inference.router, dependencies=[Depends(require_api_key)])
     app.include_router(adapters.router, dependencies=[Depends(require_api_key)])
 
-    @app.middleware("http")
-    async def record(request: Request, call_next) -> Response:
-        started = time.perf_counter()
-        response = _too_large(request, settings) or await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        if path != "/metrics":
-            metrics: Metrics = request.app.state.service.metrics
-            adapter = metrics.adapter_label(getattr(request.state, "adapter", None))
-            metrics.requests.labels(route=path, adapter=adapter, status=str(response.status_code)).inc()
-            metrics.request_seconds.labels(route=path).observe(time.perf_counter() - started)
-        return response
-
+    app.add_middleware(ServiceMiddleware, settings=settings)
     return app

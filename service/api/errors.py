@@ -13,6 +13,8 @@ STATUS: dict[type[errors.ServiceError], int] = {
     errors.AdapterNotFound: 404,
     errors.AdapterExists: 409,
     errors.AdapterInvalid: 422,
+    errors.AdapterFailed: 422,
+    errors.Internal: 500,
     errors.UploadInvalid: 422,
     errors.UploadTooLarge: 413,
     errors.WrongTask: 422,

@@ -62,14 +62,18 @@ class AdapterEntry(BaseModel):
     base_model_name_or_path: str | None
     target_modules: list[str] | None
     loaded: bool
+    state: Literal["ready", "failed"] = Field(
+        description="'failed': it failed at run time and is refused until replaced (PUT) or deleted")
+    error: str | None = Field(default=None, description="Why it failed, when state is 'failed'.")
 
     @classmethod
-    def of(cls, info: AdapterInfo, loaded: bool) -> AdapterEntry:
+    def of(cls, info: AdapterInfo, loaded: bool, failure: str | None = None) -> AdapterEntry:
         return cls(
             name=info.name, type=info.kind.value, task=info.task.value, rank=info.rank,
             num_virtual_tokens=info.num_virtual_tokens, labels=info.labels, size_bytes=info.size_bytes,
             sha256=info.sha256, version=info.version, base_model_name_or_path=info.base_model_name_or_path,
-            target_modules=info.target_modules, loaded=loaded,
+            target_modules=info.target_modules, loaded=loaded and failure is None,
+            state="failed" if failure is not None else "ready", error=failure,
         )
 
 
@@ -88,9 +92,11 @@ _ERROR_MEANINGS = {
     404: "No adapter of that name.",
     409: "An adapter of that name exists.",
     413: "Body or archive too large.",
-    422: "Malformed or unservable request; the message says what to change.",
+    422: "Malformed or unservable request, or an adapter quarantined after failing at run time (AdapterFailed); "
+         "the message says what to change.",
     429: "Queue full; retry after the Retry-After seconds.",
     503: "Not ready, or shutting down.",
+    500: "Unexpected internal error (logged with its traceback); the body is JSON like every error.",
     504: "The request outlived its deadline.",
 }
 

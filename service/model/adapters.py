@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig
-from peft.utils import set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from peft.utils import AuxiliaryTrainingWrapper, set_peft_model_state_dict
 from peft.utils.other import _prepare_prompt_learning_config
 from safetensors.torch import load_file
 
@@ -196,6 +197,29 @@ class LoraHost:
         # layer (requires_grad bookkeeping), which with many resident adapters costs more than the forward.
         if self.peft_model is not None and self.peft_model.peft_config:
             self.peft_model.base_model.disable_adapter_layers()
+
+    @contextmanager
+    def rows_routed(self, row_names: list[str]) -> Iterator[None]:
+        """Each row through its own PEFT adapter (``__base__``: none), as PEFT's ``adapter_names`` does.
+
+        PEFT's own context for this leaves its hooks in place when the forward raises, so one failed batch made
+        every later mixed batch fail; these hooks are removed whatever happens.
+        """
+        assert self.peft_model is not None
+
+        def inject(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            kwargs["adapter_names"] = row_names
+            return args, kwargs
+
+        handles = [
+            module.register_forward_pre_hook(inject, with_kwargs=True)
+            for module in self.peft_model.modules() if isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper))
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     @contextmanager
     def switched_on(self) -> Iterator[PeftModel]:

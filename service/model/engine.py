@@ -3,11 +3,15 @@
 Rows join the running batch at the next step (their prompt is prefilled and their KV cache merged in, left-padded)
 and leave it when they finish, so short requests never wait for long ones. Each row keeps its own adapter: LoRA
 rows are routed per row, prefix rows carry their prefix in their part of the cache. Runs on the model thread only.
+
+A step that fails is taken back (the cache, mask and rows as they were) and retried one adapter's rows at a time:
+the rows whose own group fails get a ``FailedEvent`` naming their adapter, every other row goes on with its KV cache.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+import logging
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +21,8 @@ from service.model.adapters import LoadedAdapter
 from service.model.buckets import length_buckets
 from service.model.kv_cache import KVCache, stack_right_aligned
 from service.model.runner import GenerationJob, ModelRunner
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -33,7 +39,17 @@ class DoneEvent:
     generation: Generation
 
 
-Event = TokenEvent | DoneEvent
+@dataclass(frozen=True)
+class FailedEvent:
+    """A row whose own adapter's rows fail a step even alone (adapter None: the base rows did)."""
+
+    handle: Hashable
+    adapter: LoadedAdapter | None
+    error: Exception
+
+
+Event = TokenEvent | DoneEvent | FailedEvent
+Admission = tuple[Hashable, LoadedAdapter | None, GenerationJob]
 
 
 @dataclass
@@ -72,16 +88,91 @@ class GenerationEngine:
         self._select([])
         return handles
 
-    def step(self, admitted: Sequence[tuple[Hashable, LoadedAdapter | None, GenerationJob]] = ()) -> list[Event]:
+    def step(self, admitted: Sequence[Admission] = ()) -> list[Event]:
         """One decode step for the running rows, then prefill of the admitted ones; returns what happened."""
         events: list[Event] = []
         with torch.inference_mode():
             if self._rows:
-                self._decode(events)
+                self._decode_isolating(events)
             # Prompts are prefilled in passes of similar lengths, so short prompts are not padded to long ones.
             for bucket in length_buckets([len(job.prompt_ids) for _, _, job in admitted], max(1, len(admitted))):
-                self._admit([admitted[index] for index in bucket], events)
+                self._admit_isolating([admitted[index] for index in bucket], events)
         return events
+
+    # -- fault isolation ------------------------------------------------------------------------------------------
+
+    def _decode_isolating(self, events: list[Event]) -> None:
+        snapshot, mark = _Snapshot.of(self), len(events)
+        try:
+            self._decode(events)
+            return
+        except Exception as error:
+            del events[mark:]
+            snapshot.restore(self)
+            groups = _by_adapter(row.adapter for row in self._rows)
+            logger.warning("decode step of %d rows failed (%r); retrying %d adapter groups apart",
+                           len(self._rows), error, len(groups))
+            if len(groups) == 1:
+                events += [FailedEvent(row.handle, row.adapter, error) for row in self._rows]
+                self._select([])
+                return
+        parts = [self._take(indices) for indices in groups]
+        self._select([])
+        for part in parts:
+            mark = len(events)
+            try:
+                part._decode(events)
+            except Exception as error:
+                del events[mark:]
+                events += [FailedEvent(row.handle, row.adapter, error) for row in part._rows]
+                continue
+            self._absorb(part)
+
+    def _admit_isolating(self, admitted: Sequence[Admission], events: list[Event]) -> None:
+        mark = len(events)
+        try:
+            self._admit(admitted, events)
+            return
+        except Exception as error:
+            del events[mark:]
+            groups = _by_adapter(adapter for _, adapter, _ in admitted)
+            logger.warning("prefill of %d rows failed (%r); retrying %d adapter groups apart",
+                           len(admitted), error, len(groups))
+            if len(groups) == 1:
+                events += [FailedEvent(handle, adapter, error) for handle, adapter, _ in admitted]
+                return
+        for indices in groups:
+            group = [admitted[index] for index in indices]
+            mark = len(events)
+            try:
+                self._admit(group, events)
+            except Exception as error:
+                del events[mark:]
+                events += [FailedEvent(handle, adapter, error) for handle, adapter, _ in group]
+
+    def _take(self, indices: Sequence[int]) -> GenerationEngine:
+        """A new engine holding a copy of these rows' state (the cache rows copied out)."""
+        part = GenerationEngine(self._runner)
+        index = torch.tensor(indices, device=self._runner.base.device)
+        assert self._cache is not None and self._mask is not None and self._positions is not None
+        part._rows = [self._rows[i] for i in indices]
+        part._next = [self._next[i] for i in indices]
+        part._mask, part._positions = self._mask[index], self._positions[index]
+        entries = [(keys[index], values[index]) for keys, values in self._cache.entries()]
+        part._cache = stack_right_aligned([entries], part._mask.shape[1])
+        return part
+
+    def _absorb(self, part: GenerationEngine) -> None:
+        """Take another engine's rows and state in after this one's."""
+        if not part._rows:
+            return
+        if not self._rows:
+            self._cache, self._mask, self._positions = part._cache, part._mask, part._positions
+        else:
+            self._cache, self._mask = _merge(self._cache, self._mask, part._cache, part._mask)
+            self._positions = torch.cat([self._positions, part._positions])
+        self._rows += part._rows
+        self._next += part._next
 
     def _decode(self, events: list[Event]) -> None:
         runner = self._runner
@@ -96,8 +187,7 @@ class GenerationEngine:
         if len(keep) < len(self._rows):
             self._select(keep)
 
-    def _admit(self, admitted: Sequence[tuple[Hashable, LoadedAdapter | None, GenerationJob]],
-               events: list[Event]) -> None:
+    def _admit(self, admitted: Sequence[Admission], events: list[Event]) -> None:
         runner = self._runner
         rows = [
             _Sequence(handle=handle, adapter=adapter, job=job, generator=_generator(job.params.seed, runner))
@@ -166,6 +256,44 @@ class GenerationEngine:
                 layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
 
 
+@dataclass
+class _Snapshot:
+    """What a decode step changes before it can fail, to take the step back."""
+
+    mask: torch.Tensor
+    positions: torch.Tensor
+    next: list[int]
+    cache_lengths: list[int]
+    rows: list[tuple[int, str, int, str | None]]  # per row: tokens generated, text, emitted, finish reason
+
+    @classmethod
+    def of(cls, engine: GenerationEngine) -> _Snapshot:
+        assert engine._cache is not None and engine._mask is not None and engine._positions is not None
+        return cls(
+            mask=engine._mask, positions=engine._positions, next=list(engine._next),
+            cache_lengths=[layer.keys.shape[2] for layer in engine._cache.layers],
+            rows=[(len(r.generated), r.text, r.emitted, r.finish_reason) for r in engine._rows],
+        )
+
+    def restore(self, engine: GenerationEngine) -> None:
+        engine._mask, engine._positions, engine._next = self.mask, self.positions, self.next
+        assert engine._cache is not None
+        for layer, length in zip(engine._cache.layers, self.cache_lengths):
+            # Views of the same buffers: the next append writes over whatever the failed step left past them.
+            layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
+        for row, (generated, text, emitted, finish_reason) in zip(engine._rows, self.rows):
+            del row.generated[generated:]
+            row.text, row.emitted, row.finish_reason = text, emitted, finish_reason
+
+
+def _by_adapter(adapters: Iterable[LoadedAdapter | None]) -> list[list[int]]:
+    """Row indices grouped by adapter (the base rows together), in order of first appearance."""
+    groups: dict[int, list[int]] = {}
+    for index, adapter in enumerate(adapters):
+        groups.setdefault(id(adapter), []).append(index)
+    return list(groups.values())
+
+
 def _merge(
     cache_a: KVCache, mask_a: torch.Tensor, cache_b: KVCache, mask_b: torch.Tensor
 ) -> tuple[KVCache, torch.Tensor]:
@@ -191,9 +319,11 @@ def generate(
     adapters: Sequence[LoadedAdapter | None],
     jobs: Sequence[GenerationJob],
     on_text: Callable[[int, str], None] | None = None,
-) -> list[Generation]:
+    on_failure: Callable[[int, FailedEvent], None] | None = None,
+) -> list[Generation | None]:
     """Run jobs to completion as one batch (rows admitted together, leaving as they finish); ``on_text`` gets
-    (job index, new text) as it is generated."""
+    (job index, new text) as it is generated. A row that fails goes to ``on_failure`` (its place in the result is
+    then None); without it, the first failure is raised."""
     engine = GenerationEngine(runner)
     done: dict[Hashable, Generation] = {}
     events = engine.step(list(zip(range(len(jobs)), adapters, jobs)))
@@ -201,9 +331,13 @@ def generate(
         for event in events:
             if isinstance(event, DoneEvent):
                 done[event.handle] = event.generation
+            elif isinstance(event, FailedEvent):
+                if on_failure is None:
+                    raise event.error
+                on_failure(event.handle, event)
             elif on_text is not None:
                 on_text(event.handle, event.text)
         if not engine.active:
             break
         events = engine.step()
-    return [done[index] for index in range(len(jobs))]
+    return [done.get(index) for index in range(len(jobs))]

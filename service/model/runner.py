@@ -71,8 +71,12 @@ class ModelRunner:
         # no_grad rather than inference_mode: PEFT later flips requires_grad on these tensors when switching.
         with torch.no_grad():
             adapter = load_adapter(info, self.base, self.lora_host, next(self._peft_names))
-            if adapter.peft_name is not None:
-                self.gathered.add(self.lora_host.peft_model, adapter.peft_name)
+            try:
+                if adapter.peft_name is not None:
+                    self.gathered.add(self.lora_host.peft_model, adapter.peft_name)
+            except Exception:
+                self.unload(adapter)  # nothing of a half-loaded adapter may stay in the shared model
+                raise
         return adapter
 
     def unload(self, adapter: LoadedAdapter) -> None:
@@ -103,8 +107,7 @@ class ModelRunner:
                     peft_model.set_adapter(present[0])
                     yield
                 else:
-                    row_names = [n or "__base__" for n in names]
-                    with peft_model.base_model._enable_peft_forward_hooks(adapter_names=row_names):
+                    with self.lora_host.rows_routed([n or "__base__" for n in names]):
                         yield
 
     # -- tokenization ---------------------------------------------------------------------------------------------

@@ -82,7 +82,7 @@ def test_client_that_disconnects_frees_its_row(live_server) -> None:
         for line in response.iter_lines():
             if line.startswith("data"):
                 break  # got a first token: leave
-    engine = app.state.service.inference.engine
+    engine = app.state.service.inference.worker.engine
     deadline = time.monotonic() + 10
     while engine.active and time.monotonic() < deadline:
         time.sleep(0.05)

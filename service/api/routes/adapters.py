@@ -16,20 +16,25 @@ from service.model.validation import check_adapter
 from service.store.archive import ArchiveLimits
 from service.store.uploads import install_upload
 
-router = APIRouter(prefix="/v1/adapters", tags=["adapters"], responses=error_responses(401, 404, 422, 503))
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"], responses=error_responses(401, 404, 422, 500, 503))
 _ADMIN_ERRORS = error_responses(403, 409, 413)
+
+
+def _entry(info: AdapterInfo, inference: InferenceService) -> AdapterEntry:
+    failure = inference.quarantine.failure(info)
+    return AdapterEntry.of(info, info.name in inference.resident, None if failure is None else failure.reason)
 
 
 @router.get("", response_model=AdapterList)
 async def list_adapters(inference: Inference) -> AdapterList:
     infos = await asyncio.to_thread(inference.store.list)
-    return AdapterList(adapters=[AdapterEntry.of(info, info.name in inference.resident) for info in infos])
+    return AdapterList(adapters=[_entry(info, inference) for info in infos])
 
 
 @router.get("/{name}", response_model=AdapterEntry)
 async def get_adapter(name: str, inference: Inference) -> AdapterEntry:
     info = await asyncio.to_thread(inference.store.get, name)
-    return AdapterEntry.of(info, name in inference.resident)
+    return _entry(info, inference)
 
 
 async def _install(
@@ -45,10 +50,12 @@ async def _install(
     def check(info: AdapterInfo) -> None:
         check_adapter(info, state.shapes, settings.max_lora_rank, settings.max_virtual_tokens,
                       settings.max_adapter_tensors)
+        inference.smoke(info)  # it must run once on the real model before anyone can ask for it
 
     info, replaced = await asyncio.to_thread(
         install_upload, inference.store, name, archive.file, size, limits, check, replace
     )
+    inference.quarantine.forget(name)  # it just ran once on the model: a quarantined name starts clean
     return AdapterEntry.of(info, loaded=False), replaced
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -20,7 +21,8 @@ from service.api.state import Inference, State
 from service.domain import Generation, GenerationParams
 from service.errors import InvalidRequest, ServiceError
 
-router = APIRouter(prefix="/v1", tags=["inference"], responses=error_responses(401, 404, 413, 422, 429, 503, 504))
+logger = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1", tags=["inference"], responses=error_responses(401, 404, 413, 422, 429, 500, 503, 504))
 
 
 @router.post("/classify", response_model=ClassifyResponse)
@@ -83,3 +85,6 @@ async def _events(inference, payload, adapter: str | None) -> AsyncIterator[str]
                 yield _sse("token", {"text": item})
     except ServiceError as error:
         yield _sse("error", {"error": type(error).__name__, "message": error.message})
+    except Exception:  # the stream has started: the error can only be told as its last event
+        logger.exception("unexpected error in a generation stream")
+        yield _sse("error", {"error": "Internal", "message": "internal error; it was logged. Retry, or report it"})
