@@ -97,7 +97,7 @@ def test_demo_adapters_match_plain_peft(server: str, embedded_folder: Path, toke
             for text, result in zip(texts, got.json()["results"]):
                 with torch.no_grad():
                     expected = torch.softmax(model(**tokenizer(text, return_tensors="pt")).logits, -1)[0]
-                ours = torch.tensor([result["scores"][l] for l in entry["labels"]])
+                ours = torch.tensor([result["scores"][label] for label in entry["labels"]])
                 assert torch.allclose(ours, expected, atol=1e-4)
                 bare = _head_on_bare_base(embedded_folder, path, 2, tokenizer, text)
                 assert (ours - bare).abs().max() > 1e-2, (entry["name"], text)

@@ -26,6 +26,7 @@ from service.domain import AdapterInfo, AdapterKind, Task
 from service.errors import AdapterInvalid
 from service.model.compat import peft_internal_deprecations_silenced
 from service.model.loading import BaseModel
+from service.model.vocabulary import VOCABULARY_MODULES, VocabularyOverride, split_vocabulary, to_device
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -43,6 +44,7 @@ class LoadedAdapter:
     head: torch.nn.Linear | None = None
     prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (key, value): [1, kv_heads, P, dim]
     peft_name: str | None = None  # its name inside the LoRA host
+    vocabulary: VocabularyOverride | None = None  # its own embeddings / output head rows, if it saved any
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -55,9 +57,10 @@ class LoadedAdapter:
             tensors += list(self.head.parameters())
         if self.prefix is not None:
             tensors += [t for pair in self.prefix for t in pair]
-        return sum(t.numel() * t.element_size() for t in tensors) + (
-            self.info.size_bytes if self.peft_name else 0
-        )
+        vocabulary = self.vocabulary.nbytes if self.vocabulary is not None else 0
+        # LoRA tensors are counted by their file, which also holds the vocabulary matrices counted here.
+        lora = max(0, self.info.size_bytes - vocabulary) if self.peft_name else 0
+        return sum(t.numel() * t.element_size() for t in tensors) + vocabulary + lora
 
 
 def read_adapter_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -155,9 +158,8 @@ class LoraHost:
 
     def add(self, name: str, config_dict: dict, weights: dict[str, torch.Tensor]) -> None:
         fields = {k: v for k, v in config_dict.items() if k in LoraConfig.__dataclass_fields__}
-        # The head is served apart from the LoRA host; other modules_to_save (embeddings, say) stay with PEFT.
-        modules_to_save = [m for m in (fields.get("modules_to_save") or []) if m not in HEAD_MODULES]
-        fields.update(modules_to_save=modules_to_save or None, inference_mode=True, task_type=None)
+        # Heads and vocabulary parts are served apart from the LoRA host (see ``check_lora_weights``).
+        fields.update(modules_to_save=None, trainable_token_indices=None, inference_mode=True, task_type=None)
         try:
             config = LoraConfig(**fields)
         except (TypeError, ValueError) as error:
@@ -232,6 +234,35 @@ class LoraHost:
             self._switch_off()
 
 
+def check_lora_config(name: str, config: dict) -> None:
+    """Refuse LoRA features that cannot share a batch with other adapters, saying what to change."""
+    if config.get("use_dora"):
+        raise AdapterInvalid(
+            f"{name}: DoRA (use_dora=true) is not served: its magnitude vectors rescale whole weight matrices per "
+            "adapter, which PEFT cannot mix with other adapters in one batch. Retrain with use_dora=false, or merge "
+            "it into a model of its own (merge_and_unload)"
+        )
+    others = [m for m in (config.get("modules_to_save") or []) if m not in HEAD_MODULES + VOCABULARY_MODULES]
+    if others:
+        raise AdapterInvalid(
+            f"{name}: modules_to_save on {others} is not served (only the classification head, embed_tokens and "
+            "lm_head are): a whole copy of a shared layer per adapter cannot share a batch. Retrain with LoRA on "
+            "those modules (target_modules) instead"
+        )
+
+
+def check_lora_weights(name: str, config: dict, weights: dict[str, torch.Tensor]) -> None:
+    """Refuse what would copy or change a shared module: PEFT's per-adapter copies of whole layers
+    (``modules_to_save``) break mixed batches, and non-LoRA tensors would be loaded into the base itself."""
+    check_lora_config(name, config)
+    foreign = [k for k in weights if "lora_" not in k]
+    if foreign:
+        raise AdapterInvalid(
+            f"{name}: the weights hold {foreign[:3]}, which would overwrite the shared base model's parameters "
+            "(bias='all' or 'lora_only' trains the base's biases): retrain with bias='none'"
+        )
+
+
 def load_adapter(info: AdapterInfo, base: BaseModel, lora_host: LoraHost, peft_name: str) -> LoadedAdapter:
     """Read an adapter folder and make it resident: LoRA into the host, prefix key/values and head computed."""
     path = Path(info.path)
@@ -246,5 +277,14 @@ def load_adapter(info: AdapterInfo, base: BaseModel, lora_host: LoraHost, peft_n
     if info.kind is AdapterKind.PREFIX_TUNING:
         prefix = compute_prefix(config_dict, weights, base, info.name)
         return LoadedAdapter(info=info, head=head, prefix=prefix)
+    embedding = base.model.get_input_embeddings()
+    embedding = getattr(embedding, "base_layer", embedding).weight  # under a LoRA host, the original module's
+    tied = bool(getattr(base.model.config, "tie_word_embeddings", False))
+    output = base.model.get_output_embeddings()
+    output = getattr(output, "base_layer", output).weight
+    vocabulary, weights = split_vocabulary(weights, config_dict, info.name, embedding, output, tied)
+    check_lora_weights(info.name, config_dict, weights)
     lora_host.add(peft_name, config_dict, weights)
-    return LoadedAdapter(info=info, head=head, peft_name=peft_name)
+    if vocabulary is not None:
+        vocabulary = to_device(vocabulary, base.device, base.dtype)
+    return LoadedAdapter(info=info, head=head, peft_name=peft_name, vocabulary=vocabulary)

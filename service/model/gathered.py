@@ -51,8 +51,10 @@ class _ModuleStack:
             self.gathered = (self.a.index_select(0, self.rows).transpose(1, 2),
                              self.b.index_select(0, self.rows).transpose(1, 2))
         a_rows, b_rows = self.gathered
-        delta = torch.bmm(torch.bmm(inputs[0].to(self.a.dtype), a_rows), b_rows)
-        return output + delta.to(output.dtype)
+        x = inputs[0].to(self.a.dtype)
+        flat = x.dim() == 2  # [rows, features]: a head applied to each row's last position only
+        delta = torch.bmm(torch.bmm(x.unsqueeze(1) if flat else x, a_rows), b_rows)
+        return output + (delta.squeeze(1) if flat else delta).to(output.dtype)
 
     def begin(self, rows: torch.Tensor, key: Hashable | None) -> None:
         if key is None or key != self.gathered_for:
@@ -149,6 +151,8 @@ def _plain_lora(peft_model: PeftModel, name: str) -> bool:
         return False
     if config.modules_to_save or getattr(config, "trainable_token_indices", None):
         return False
+    if any(name in getattr(module, "lora_embedding_A", {}) for module in peft_model.modules()):
+        return False  # LoRA on an embedding: PEFT's own layer computes it
     modules = list(_lora_modules(peft_model, [name]))
     return bool(modules) and all(
         isinstance(module, LoraLinear) and isinstance(module.base_layer, torch.nn.Linear) for module, _ in modules

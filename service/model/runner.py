@@ -54,6 +54,7 @@ class ModelRunner:
         self.eos_token_ids = self._eos_ids()
         self.pad_token_id: int = base.tokenizer.pad_token_id
         self._cache_keyword = cache_keyword(base.model.base_model)
+        self._routed: Sequence[LoadedAdapter | None] = ()  # the rows' adapters, within ``lora_routing``
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -93,6 +94,15 @@ class ModelRunner:
         layers on for the batch: ``set_adapter`` for one adapter, per-row ``adapter_names`` for a mix. ``repeated``
         says the same rows will be routed again (decode steps), so per-row work may be kept for them.
         """
+        self._routed = adapters
+        try:
+            with self._lora_rows(adapters, repeated):
+                yield
+        finally:
+            self._routed = ()
+
+    @contextmanager
+    def _lora_rows(self, adapters: Sequence[LoadedAdapter | None], repeated: bool) -> Iterator[None]:
         peft_model = self.lora_host.peft_model
         names = [a.peft_name if a is not None and a.peft_name is not None else None for a in adapters]
         present = sorted({n for n in names if n is not None})
@@ -171,9 +181,17 @@ class ModelRunner:
     def _backbone(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: KVCache | None
     ) -> torch.Tensor:
-        """Last-position hidden state of each row."""
+        """Last-position hidden state of each row (rows of adapters with their own embeddings embedded by them)."""
+        inputs: dict[str, torch.Tensor] = {"input_ids": ids}
+        own = [(row, a.vocabulary) for row, a in enumerate(self._routed)
+               if a is not None and a.vocabulary is not None and a.vocabulary.changes_input]
+        if own:
+            embeddings = self.base.model.get_input_embeddings()(ids)
+            for row, vocabulary in own:
+                embeddings[row] = vocabulary.embed(ids[row], embeddings[row])
+            inputs = {"inputs_embeds": embeddings}
         output = self.base.model.base_model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{self._cache_keyword: cache}
+            **inputs, attention_mask=mask, position_ids=positions, use_cache=True, **{self._cache_keyword: cache}
         )
         return output.last_hidden_state[:, -1]
 
@@ -209,7 +227,12 @@ class ModelRunner:
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: KVCache
     ) -> torch.Tensor:
         """Next-token logits of each row (its last position); the cache grows by the given ids."""
-        return self.base.model.get_output_embeddings()(self._backbone(ids, mask, positions, cache))
+        hidden = self._backbone(ids, mask, positions, cache)
+        logits = self.base.model.get_output_embeddings()(hidden)
+        for row, adapter in enumerate(self._routed):
+            if adapter is not None and adapter.vocabulary is not None and adapter.vocabulary.changes_output:
+                logits[row] = adapter.vocabulary.logits(hidden[row], logits[row])
+        return logits
 
     def sample(
         self, logits: torch.Tensor, rows: Sequence[tuple[GenerationParams, torch.Generator | None]]

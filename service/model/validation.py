@@ -7,12 +7,14 @@ import re
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from service.domain import AdapterInfo, AdapterKind
 from service.errors import AdapterInvalid
+from service.model.adapters import check_lora_config
 from service.model.loading import BaseModel
 from service.store.safetensors_header import TensorSpec, read_header
-from service.store.store import CONFIG_FILE, WEIGHTS_FILE, head_spec
+from service.store.store import CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, head_spec
 
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
                        r"(?:\.[^.]+)?(?:\.weight)?$")
@@ -69,8 +71,7 @@ def _check_lora(name: str, config: dict, tensors: dict[str, TensorSpec], shapes:
         raise AdapterInvalid(f"{name}: LoRA rank must be a positive integer")
     if max(ranks) > max_rank:
         raise AdapterInvalid(f"{name}: LoRA rank {max(ranks)} exceeds this service's limit of {max_rank}")
-    if config.get("use_dora"):
-        raise AdapterInvalid(f"{name}: DoRA adapters (use_dora=true) are not served yet")
+    check_lora_config(name, config)
     _check_targets(name, config.get("target_modules"), shapes)
     found = 0
     for key, spec in tensors.items():
@@ -135,4 +136,26 @@ def _check_prefix(
         raise AdapterInvalid(
             f"{name}: prompt_embeddings has shape {got}; this base needs {expected} "
             f"(num_virtual_tokens x layers*2*kv_heads*head_dim)"
+        )
+
+
+def check_tokenizer(info: AdapterInfo, base_tokenizer: PreTrainedTokenizerBase) -> None:
+    """An adapter saved with its tokenizer is served with the base's: refuse it if that tokenizer's vocabulary
+    differs (added tokens), since its requests would be tokenized and decoded wrongly."""
+    path = Path(info.path)
+    if not any((path / file).is_file() for file in TOKENIZER_FILES):
+        return
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    except Exception as error:  # malformed tokenizer files raise many types
+        raise AdapterInvalid(f"{info.name}: its tokenizer files cannot be read ({type(error).__name__}: {error}); "
+                             "leave them out of the archive, or re-save them with tokenizer.save_pretrained") from error
+    ours, base = tokenizer.get_vocab(), base_tokenizer.get_vocab()
+    if ours != base:
+        added = sorted(set(ours) - set(base), key=lambda token: ours[token])
+        raise AdapterInvalid(
+            f"{info.name}: its tokenizer differs from the base's ({len(ours)} tokens against {len(base)}; added: "
+            f"{added[:5]}): requests for it would be tokenized with the base's vocabulary, which this service "
+            "serves for every adapter. Train without added tokens (reuse existing special tokens), or leave the "
+            "tokenizer out if it is the base's own"
         )

@@ -15,8 +15,10 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from service.errors import UploadInvalid, UploadTooLarge
+from service.store.store import TOKENIZER_FILES
 
-ALLOWED_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "labels.json", "README.md"})
+ALLOWED_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "labels.json", "README.md",
+                           *TOKENIZER_FILES})
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _CHUNK = 1 << 20
 

@@ -24,6 +24,11 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 LABELS_FILE = "labels.json"
+# A tokenizer saved next to the adapter (tokenizer.save_pretrained into the same folder, as trainers do): kept with
+# it, checked against the base's at upload, and part of its content version.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "chat_template.jinja",
+                   "chat_template.json")
 PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.pkl")
 STAGING_PREFIX = ".staging-"
 TRASH_PREFIX = ".trash-"
@@ -87,7 +92,8 @@ def describe_folder(name: str, path: Path, accepts_base: Callable[[str | None], 
             "served base, or set SERVICE_BASE_MODEL_ALIASES / SERVICE_CHECK_ADAPTER_BASE=false if it is the same model"
         )
     labels = read_labels(name, path, head)
-    files = [p for p in (config_path, weights_path, path / LABELS_FILE) if p.is_file()]
+    files = [p for p in (config_path, weights_path, path / LABELS_FILE, *(path / f for f in TOKENIZER_FILES))
+             if p.is_file()]
     target_modules = config.get("target_modules")
     return AdapterInfo(
         name=name,
@@ -261,7 +267,7 @@ class AdapterStore:
 
 def _signature(folder: Path) -> tuple:
     parts = []
-    for file_name in (CONFIG_FILE, WEIGHTS_FILE, LABELS_FILE):
+    for file_name in (CONFIG_FILE, WEIGHTS_FILE, LABELS_FILE, *TOKENIZER_FILES):
         try:
             stat = (folder / file_name).stat()
             parts.append((file_name, stat.st_mtime_ns, stat.st_size, stat.st_ino))

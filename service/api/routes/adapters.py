@@ -12,7 +12,7 @@ from service.api.state import AppState, Inference, State
 from service.domain import AdapterInfo
 from service.errors import UploadTooLarge
 from service.inference import InferenceService
-from service.model.validation import check_adapter
+from service.model.validation import check_adapter, check_tokenizer
 from service.store.archive import ArchiveLimits
 from service.store.uploads import install_upload
 
@@ -50,6 +50,7 @@ async def _install(
     def check(info: AdapterInfo) -> None:
         check_adapter(info, state.shapes, settings.max_lora_rank, settings.max_virtual_tokens,
                       settings.max_adapter_tensors)
+        check_tokenizer(info, inference.runner.base.tokenizer)
         inference.smoke(info)  # it must run once on the real model before anyone can ask for it
 
     info, replaced = await asyncio.to_thread(
