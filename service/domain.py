@@ -9,6 +9,14 @@ from enum import Enum
 class AdapterKind(str, Enum):
     LORA = "lora"
     PREFIX_TUNING = "prefix_tuning"
+    PROMPT_TUNING = "prompt_tuning"
+    P_TUNING = "p_tuning"
+    IA3 = "ia3"
+    ADALORA = "adalora"
+
+    @property
+    def has_virtual_tokens(self) -> bool:
+        return self in (AdapterKind.PREFIX_TUNING, AdapterKind.PROMPT_TUNING, AdapterKind.P_TUNING)
 
 
 class Task(str, Enum):

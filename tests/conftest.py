@@ -12,7 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
+from peft import (
+    AdaLoraConfig,
+    IA3Config,
+    LoraConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
+    PromptTuningConfig,
+    PromptTuningInit,
+    TaskType,
+    get_peft_model,
+)
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from service.model.loading import embedded_model_folder
@@ -53,12 +64,25 @@ AdapterMaker = Callable[..., Path]
 def _save(model, config, out: Path, base_id: str, labels: list[str] | None, seed: int) -> Path:
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, config)
+    prompt_learning = isinstance(config, (PromptTuningConfig, PromptEncoderConfig))
     with torch.no_grad():
         # Random prefixes and heads are non-trivial already; give LoRA a non-zero B too.
         for name, parameter in peft_model.named_parameters():
-            if "lora_B" in name or "score" in name:
-                parameter.normal_(0.0, 0.2)
+            if "lora_B" in name or "score" in name or "lora_E" in name:
+                parameter.normal_(0.0, 0.2 if "lora_E" not in name else 1.0)
+            elif "lora_A" in name and isinstance(config, AdaLoraConfig):
+                parameter.normal_(0.0, 0.5)  # AdaLoRA starts A near zero
+            elif "ia3_l" in name:
+                parameter.normal_(1.0, 0.5)  # PEFT starts them at one (no change)
+            elif prompt_learning and "prompt_encoder" in name and parameter.dim() == 2:
+                parameter.add_(torch.randn_like(parameter))  # virtual tokens far enough from the init to act
     peft_model.peft_config["default"].base_model_name_or_path = base_id
+    if isinstance(config, AdaLoraConfig) and config.target_r < config.init_r:
+        # What AdaLoRA's budget leaves after training: some singular values dropped per layer (saved cut).
+        peft_model.peft_config["default"].rank_pattern = {
+            name.removeprefix("base_model.model."): [i % 2 == 0 or i < config.target_r for i in range(config.init_r)]
+            for name, _ in peft_model.named_parameters() if "lora_E" in name
+        }
     peft_model.save_pretrained(out)
     if labels is not None:
         (out / "labels.json").write_text(json.dumps(labels))
@@ -80,6 +104,17 @@ def make_adapter(
     if kind == "lora":
         options.setdefault("target_modules", ["q_proj", "v_proj"])
         config = LoraConfig(task_type=task_type, r=options.pop("r", 4), lora_alpha=8, **options)
+    elif kind == "adalora":
+        options.setdefault("target_modules", ["q_proj", "v_proj"])
+        config = AdaLoraConfig(task_type=task_type, init_r=6, target_r=3, total_step=100, lora_alpha=8, **options)
+    elif kind == "ia3":
+        config = IA3Config(task_type=task_type, **options)
+    elif kind == "prompt":
+        config = PromptTuningConfig(task_type=task_type, num_virtual_tokens=options.pop("num_virtual_tokens", 5),
+                                    **options)
+    elif kind == "ptuning":
+        config = PromptEncoderConfig(task_type=task_type, num_virtual_tokens=options.pop("num_virtual_tokens", 4),
+                                     encoder_hidden_size=16, **options)
     else:
         config = PrefixTuningConfig(task_type=task_type, num_virtual_tokens=options.pop("num_virtual_tokens", 4),
                                     **options)
@@ -100,7 +135,25 @@ def tiny_adapters(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> 
         "prefix-proj-gen": ("prefix", "gen", {"prefix_projection": True, "encoder_hidden_size": 32, "seed": 3}),
         "prefix-proj-cls": ("prefix", "cls", {"prefix_projection": True, "encoder_hidden_size": 16,
                                               "num_virtual_tokens": 3}),
+        "prompt-gen": ("prompt", "gen", {"seed": 5}),
+        "prompt-text-gen": ("prompt", "gen", {"prompt_tuning_init": PromptTuningInit.TEXT, "num_virtual_tokens": 4,
+                                              "prompt_tuning_init_text": "Answer briefly:", "tokenizer_name_or_path":
+                                              "__tiny_base__", "seed": 6}),
+        "prompt-cls": ("prompt", "cls", {"labels": ["no", "yes"], "seed": 8}),
+        "ptuning-mlp-gen": ("ptuning", "gen", {"seed": 9}),
+        "ptuning-lstm-gen": ("ptuning", "gen", {"encoder_reparameterization_type":
+                                                PromptEncoderReparameterizationType.LSTM, "seed": 10}),
+        "ptuning-cls": ("ptuning", "cls", {"labels": ["x", "y"], "seed": 11}),
+        "ia3-gen": ("ia3", "gen", {"seed": 12}),
+        "ia3-attn-gen": ("ia3", "gen", {"target_modules": ["q_proj", "o_proj", "up_proj"],
+                                        "feedforward_modules": ["up_proj"], "seed": 13}),
+        "ia3-cls": ("ia3", "cls", {"labels": ["neg", "pos"], "seed": 14}),
+        "adalora-gen": ("adalora", "gen", {"seed": 15}),
+        "adalora-cls": ("adalora", "cls", {"labels": ["p", "q", "r"], "num_labels": 3, "seed": 16}),
     }
+    for _, _, options in specs.values():
+        if options.get("tokenizer_name_or_path") == "__tiny_base__":
+            options["tokenizer_name_or_path"] = str(tiny_base)
     return {
         name: make_adapter(tiny_base, store / name, kind, task, **options)
         for name, (kind, task, options) in specs.items()

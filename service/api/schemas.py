@@ -51,7 +51,7 @@ class GenerateResponse(BaseModel):
 
 class AdapterEntry(BaseModel):
     name: str
-    type: Literal["lora", "prefix_tuning"]
+    type: Literal["lora", "prefix_tuning", "prompt_tuning", "p_tuning", "ia3", "adalora"]
     task: Literal["classification", "generation"]
     rank: int | None
     num_virtual_tokens: int | None

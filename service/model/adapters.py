@@ -25,7 +25,10 @@ from safetensors.torch import load_file
 from service.domain import AdapterInfo, AdapterKind, Task
 from service.errors import AdapterInvalid
 from service.model.compat import peft_internal_deprecations_silenced
+from service.model.adalora import read_entries
+from service.model.ia3 import Vectors, read_vectors
 from service.model.loading import BaseModel
+from service.model.prompt_tuning import load_virtual_tokens
 from service.model.vocabulary import VOCABULARY_MODULES, VocabularyOverride, split_vocabulary, to_device
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -45,6 +48,15 @@ class LoadedAdapter:
     prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (key, value): [1, kv_heads, P, dim]
     peft_name: str | None = None  # its name inside the LoRA host
     vocabulary: VocabularyOverride | None = None  # its own embeddings / output head rows, if it saved any
+    virtual_tokens: torch.Tensor | None = None  # prompt / P-tuning: [P, hidden] embeddings before its tokens
+    ia3: Vectors | None = None  # IA3: scaling vectors by module path (held by the runner's IA3 pool)
+    pool_name: str | None = None  # its slot name in the runner's IA3 pool
+    # AdaLoRA: (base layer, A', B') handed to the gathered pool at load (its slot name is ``peft_name``)
+    pool_entries: list[tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]] | None = None
+
+    @property
+    def prompt_length(self) -> int:
+        return 0 if self.virtual_tokens is None else self.virtual_tokens.shape[0]
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -57,6 +69,10 @@ class LoadedAdapter:
             tensors += list(self.head.parameters())
         if self.prefix is not None:
             tensors += [t for pair in self.prefix for t in pair]
+        if self.virtual_tokens is not None:
+            tensors.append(self.virtual_tokens)
+        if self.ia3 is not None:
+            tensors += [vector for vector, _ in self.ia3.values()]
         vocabulary = self.vocabulary.nbytes if self.vocabulary is not None else 0
         # LoRA tensors are counted by their file, which also holds the vocabulary matrices counted here.
         lora = max(0, self.info.size_bytes - vocabulary) if self.peft_name else 0
@@ -277,6 +293,15 @@ def load_adapter(info: AdapterInfo, base: BaseModel, lora_host: LoraHost, peft_n
     if info.kind is AdapterKind.PREFIX_TUNING:
         prefix = compute_prefix(config_dict, weights, base, info.name)
         return LoadedAdapter(info=info, head=head, prefix=prefix)
+    if info.kind in (AdapterKind.PROMPT_TUNING, AdapterKind.P_TUNING):
+        virtual_tokens = load_virtual_tokens(config_dict, weights, base, info.name)
+        return LoadedAdapter(info=info, head=head, virtual_tokens=virtual_tokens)
+    if info.kind is AdapterKind.ADALORA:
+        return LoadedAdapter(info=info, head=head, peft_name=peft_name,
+                             pool_entries=read_entries(config_dict, weights, base, info.name))
+    if info.kind is AdapterKind.IA3:
+        return LoadedAdapter(info=info, head=head, ia3=read_vectors(config_dict, weights, base, info.name),
+                             pool_name=peft_name)
     embedding = base.model.get_input_embeddings()
     embedding = getattr(embedding, "base_layer", embedding).weight  # under a LoRA host, the original module's
     tied = bool(getattr(base.model.config, "tie_word_embeddings", False))

@@ -23,11 +23,11 @@ NO_ADAPTER = 0  # slot 0 is all zeros: rows without LoRA, or whose adapter skips
 class _ModuleStack:
     """One adapted module's stacks: A [slots, rank, in] and scaled B [slots, out, rank], zero where unused."""
 
-    def __init__(self, module: LoraLinear, capacity: int) -> None:
-        weight = module.base_layer.weight
+    def __init__(self, layer: torch.nn.Linear, capacity: int) -> None:
+        weight = layer.weight
         self.rank = 0
-        self.a = weight.new_zeros((capacity, 0, module.in_features))
-        self.b = weight.new_zeros((capacity, module.out_features, 0))
+        self.a = weight.new_zeros((capacity, 0, layer.in_features))
+        self.b = weight.new_zeros((capacity, layer.out_features, 0))
         self.rows: torch.Tensor | None = None  # the slot of each row of the batch being computed, if any
         # The rows' A^T and B^T gathered for the current routing; kept across decode steps while the rows and the
         # pool stay the same, since the gather copies more bytes than the two small matmuls read.
@@ -75,7 +75,7 @@ class GatheredLora:
         self._free: list[int] = []
         self._capacity = 8
         self._stacks: dict[int, _ModuleStack] = {}  # by id of the LoRA module
-        self._modules: dict[int, LoraLinear] = {}
+        self._modules: dict[int, torch.nn.Linear] = {}
         self._hooks: list = []
         self._version = 0  # bumped whenever a slot's weights change, so rows gathered earlier are never reused
 
@@ -83,30 +83,41 @@ class GatheredLora:
         return name in self._slots
 
     def add(self, peft_model: PeftModel, name: str) -> bool:
-        """Give a freshly loaded adapter a slot; False (and nothing kept) when it is not plain LoRA on linears."""
+        """Give a freshly loaded PEFT LoRA adapter a slot; False (and nothing kept) when it is not plain LoRA on
+        linears."""
         if not _plain_lora(peft_model, name):
             return False
+        entries = [
+            (module.base_layer, module.lora_A[name].weight, module.lora_B[name].weight * module.scaling[name])
+            for module, _ in _lora_modules(peft_model, [name])
+        ]
+        self.add_entries(name, entries)
+        return True
+
+    def add_entries(self, name: str, entries: Sequence[tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]]) -> None:
+        """Give an adapter a slot holding, per linear layer, its A [r, in] and its scaled B [out, r]."""
         slot = self._free.pop() if self._free else len(self._slots) + 1
         if slot >= self._capacity:
             self._capacity *= 2
             for stack in self._stacks.values():  # every module must have a row for every slot
                 stack.ensure(self._capacity, 0)
-        for module, _ in _lora_modules(peft_model, [name]):
-            stack = self._stacks.get(id(module))
+        for layer, a, b in entries:
+            # Hooks sit on the frozen base layers (inside PEFT's wrappers), so they stay put when a LoRA host
+            # wraps a layer later.
+            stack = self._stacks.get(id(layer))
             if stack is None:
-                stack = self._stacks[id(module)] = _ModuleStack(module, self._capacity)
-                self._modules[id(module)] = module
-                self._hooks.append(module.register_forward_hook(stack.hook))
-            r = module.r[name]
+                stack = self._stacks[id(layer)] = _ModuleStack(layer, self._capacity)
+                self._modules[id(layer)] = layer
+                self._hooks.append(layer.register_forward_hook(stack.hook))
+            r = a.shape[0]
             stack.ensure(self._capacity, r)
             with torch.no_grad():
                 stack.a[slot].zero_()
                 stack.b[slot].zero_()
-                stack.a[slot, :r] = module.lora_A[name].weight
-                stack.b[slot, :, :r] = module.lora_B[name].weight * module.scaling[name]
+                stack.a[slot, :r] = a
+                stack.b[slot, :, :r] = b
         self._slots[name] = slot
         self._version += 1
-        return True
 
     def remove(self, name: str) -> None:
         slot = self._slots.pop(name, None)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -19,7 +19,9 @@ from service.errors import InvalidRequest
 from service.model.adapters import LoadedAdapter, LoraHost, load_adapter
 from service.model.compat import cache_keyword
 from service.model.gathered import GatheredLora
+from service.model.ia3 import IA3Pool
 from service.model.kv_cache import KVCache, stack_right_aligned
+from service.model.prompt_tuning import virtual_ids, virtual_index
 from service.model.loading import BaseModel
 
 
@@ -48,6 +50,7 @@ class ModelRunner:
         self.lora_host = LoraHost(base)
         self.lora_kernel = lora_kernel  # "gathered" (stacked weights) or "peft" (PEFT's adapter_names loop)
         self.gathered = GatheredLora()
+        self.ia3 = IA3Pool(base)
         self._peft_names = (f"adapter{i}" for i in itertools.count())
         config = base.model.config
         self.max_positions: int = getattr(config, "max_position_embeddings", None) or 1 << 30
@@ -73,14 +76,21 @@ class ModelRunner:
         with torch.no_grad():
             adapter = load_adapter(info, self.base, self.lora_host, next(self._peft_names))
             try:
-                if adapter.peft_name is not None:
+                if adapter.pool_entries is not None:
+                    self.gathered.add_entries(adapter.peft_name, adapter.pool_entries)
+                    adapter.pool_entries = None  # the pool holds its own copy
+                elif adapter.peft_name is not None:
                     self.gathered.add(self.lora_host.peft_model, adapter.peft_name)
+                if adapter.ia3 is not None:
+                    self.ia3.add(adapter.pool_name, adapter.ia3)
             except Exception:
                 self.unload(adapter)  # nothing of a half-loaded adapter may stay in the shared model
                 raise
         return adapter
 
     def unload(self, adapter: LoadedAdapter) -> None:
+        if adapter.pool_name is not None:
+            self.ia3.remove(adapter.pool_name)
         if adapter.peft_name is not None:
             self.gathered.remove(adapter.peft_name)
             self.lora_host.remove(adapter.peft_name)
@@ -96,29 +106,30 @@ class ModelRunner:
         """
         self._routed = adapters
         try:
-            with self._lora_rows(adapters, repeated):
+            with self._lora_rows(adapters, repeated), self.ia3.route([a.pool_name if a else None for a in adapters]):
                 yield
         finally:
             self._routed = ()
 
     @contextmanager
     def _lora_rows(self, adapters: Sequence[LoadedAdapter | None], repeated: bool) -> Iterator[None]:
-        peft_model = self.lora_host.peft_model
+        """Rows of adapters in the gathered pool get their deltas from it; the others (LoRA on embeddings, or all
+        PEFT adapters with ``lora_kernel="peft"``) through PEFT's own layers, switched on for this batch only."""
         names = [a.peft_name if a is not None and a.peft_name is not None else None for a in adapters]
-        present = sorted({n for n in names if n is not None})
-        if not present:
-            yield
-        elif self.lora_kernel == "gathered" and self.gathered.supports(present):
-            with self.gathered.route(names, repeated):
-                yield
-        else:
-            with self.lora_host.switched_on():
-                if len(set(names)) == 1:
-                    peft_model.set_adapter(present[0])
-                    yield
+        hosted = self.lora_host.peft_model.peft_config if self.lora_host.peft_model is not None else {}
+        by_pool = [n if n in self.gathered and (self.lora_kernel == "gathered" or n not in hosted) else None
+                   for n in names]
+        by_peft = [n if n is not None and pooled is None else None for n, pooled in zip(names, by_pool)]
+        with ExitStack() as stack:
+            if any(by_pool):
+                stack.enter_context(self.gathered.route(by_pool, repeated))
+            if any(by_peft):
+                peft_model = stack.enter_context(self.lora_host.switched_on())
+                if len(set(names)) == 1:  # every row the same adapter: PEFT's plain path
+                    peft_model.set_adapter(names[0])
                 else:
-                    with self.lora_host.rows_routed([n or "__base__" for n in names]):
-                        yield
+                    stack.enter_context(self.lora_host.rows_routed([n or "__base__" for n in by_peft]))
+            yield
 
     # -- tokenization ---------------------------------------------------------------------------------------------
 
@@ -185,10 +196,15 @@ class ModelRunner:
         inputs: dict[str, torch.Tensor] = {"input_ids": ids}
         own = [(row, a.vocabulary) for row, a in enumerate(self._routed)
                if a is not None and a.vocabulary is not None and a.vocabulary.changes_input]
-        if own:
-            embeddings = self.base.model.get_input_embeddings()(ids)
+        virtual = ids < 0
+        has_virtual = bool(virtual.any())
+        if own or has_virtual:
+            embeddings = self.base.model.get_input_embeddings()(ids.clamp(min=0))
             for row, vocabulary in own:
-                embeddings[row] = vocabulary.embed(ids[row], embeddings[row])
+                embeddings[row] = vocabulary.embed(ids[row].clamp(min=0), embeddings[row])
+            for row in virtual.any(dim=1).nonzero().flatten().tolist() if has_virtual else []:
+                tokens = self._routed[row].virtual_tokens
+                embeddings[row, virtual[row]] = tokens[virtual_index(ids[row, virtual[row]])].to(embeddings.dtype)
             inputs = {"inputs_embeds": embeddings}
         output = self.base.model.base_model(
             **inputs, attention_mask=mask, position_ids=positions, use_cache=True, **{self._cache_keyword: cache}
@@ -200,6 +216,9 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, KVCache]:
         """Padded ids, the mask over prefix slots and tokens, positions, and the prefix cache for a batch."""
         offsets = [0 if a is None else a.num_virtual_tokens for a in adapters]
+        # Prompt / P-tuning rows: placeholders for their virtual tokens, embedded by ``_backbone``.
+        sequences = [s if a is None or a.virtual_tokens is None else virtual_ids(a.prompt_length) + list(s)
+                     for a, s in zip(adapters, sequences)]
         ids, mask, positions = self._pad(sequences, offsets)
         cache, prefix_mask = self._prefix_cache(adapters)
         return ids, torch.cat([prefix_mask, mask], dim=1), positions, cache

@@ -12,12 +12,17 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from service.domain import AdapterInfo, AdapterKind
 from service.errors import AdapterInvalid
 from service.model.adapters import check_lora_config
+from service.model.ia3 import is_feedforward
 from service.model.loading import BaseModel
 from service.store.safetensors_header import TensorSpec, read_header
 from service.store.store import CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, head_spec
 
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
                        r"(?:\.[^.]+)?(?:\.weight)?$")
+
+
+_ADALORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_E)(?:\.[^.]+)?$")
+_IA3_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.ia3_l(?:\.[^.]+)?$")
 
 
 class BaseShapes:
@@ -61,8 +66,14 @@ def check_adapter(
         )
     if info.kind is AdapterKind.LORA:
         _check_lora(info.name, config, tensors, shapes, max_rank)
-    else:
+    elif info.kind is AdapterKind.PREFIX_TUNING:
         _check_prefix(info.name, config, tensors, shapes, max_virtual_tokens)
+    elif info.kind is AdapterKind.IA3:
+        _check_ia3(info.name, config, tensors, shapes)
+    elif info.kind is AdapterKind.ADALORA:
+        _check_adalora(info.name, config, tensors, shapes, max_rank)
+    else:
+        _check_prompt(info.name, config, tensors, shapes, max_virtual_tokens)
 
 
 def _check_lora(name: str, config: dict, tensors: dict[str, TensorSpec], shapes: BaseShapes, max_rank: int) -> None:
@@ -121,14 +132,76 @@ def _check_lora_shape(
             raise AdapterInvalid(f"{name}: tensor {key} has shape {spec.shape}; {module} needs {shown}")
 
 
-def _check_prefix(
-    name: str, config: dict, tensors: dict[str, TensorSpec], shapes: BaseShapes, max_virtual_tokens: int
-) -> None:
+def _check_ia3(name: str, config: dict, tensors: dict[str, TensorSpec], shapes: BaseShapes) -> None:
+    found = 0
+    for key, spec in tensors.items():
+        match = _IA3_KEY.match(key)
+        if match is None:
+            continue
+        found += 1
+        module = match["module"]
+        if module not in shapes.linear:
+            raise AdapterInvalid(f"{name}: IA3 targets {module!r}, which is not a linear layer of this base")
+        in_features, out_features = shapes.linear[module]
+        expected = (1, in_features) if is_feedforward(module, config.get("feedforward_modules")) else (out_features, 1)
+        if spec.shape != expected:
+            raise AdapterInvalid(f"{name}: tensor {key} has shape {spec.shape}; {module} needs {expected}")
+    if not found:
+        raise AdapterInvalid(f"{name}: the weights hold no IA3 vectors (ia3_l)")
+
+
+def _check_adalora(name: str, config: dict, tensors: dict[str, TensorSpec], shapes: BaseShapes, max_rank: int) -> None:
+    init_r = config.get("init_r")
+    if not isinstance(init_r, int) or init_r <= 0:
+        raise AdapterInvalid(f"{name}: AdaLoRA init_r must be a positive integer")
+    if init_r > max_rank:
+        raise AdapterInvalid(f"{name}: AdaLoRA init_r {init_r} exceeds this service's limit of {max_rank}")
+    _check_targets(name, config.get("target_modules"), shapes)
+    found = 0
+    for key, spec in tensors.items():
+        match = _ADALORA_KEY.match(key)
+        if match is None:
+            continue
+        found += 1
+        module, part = match["module"], match["part"]
+        if module not in shapes.linear:
+            raise AdapterInvalid(f"{name}: AdaLoRA targets {module!r}, which is not a linear layer of this base")
+        in_features, out_features = shapes.linear[module]
+        expected = {"lora_A": ("r", in_features), "lora_E": ("r", 1), "lora_B": (out_features, "r")}[part]
+        if len(spec.shape) != 2 or any(w != "r" and w != g for w, g in zip(expected, spec.shape)) or \
+                max(d for w, d in zip(expected, spec.shape) if w == "r") > init_r:
+            raise AdapterInvalid(f"{name}: tensor {key} has shape {spec.shape}; {module} needs {expected} "
+                                 f"with r <= init_r ({init_r})")
+    if not found:
+        raise AdapterInvalid(f"{name}: the weights hold no AdaLoRA tensors (lora_A / lora_E / lora_B)")
+
+
+def _virtual_tokens(name: str, config: dict, max_virtual_tokens: int) -> int:
     virtual = config.get("num_virtual_tokens")
     if not isinstance(virtual, int) or virtual <= 0:
         raise AdapterInvalid(f"{name}: num_virtual_tokens must be a positive integer")
     if virtual > max_virtual_tokens:
         raise AdapterInvalid(f"{name}: num_virtual_tokens {virtual} exceeds this service's limit of {max_virtual_tokens}")
+    return virtual
+
+
+def _check_prompt(
+    name: str, config: dict, tensors: dict[str, TensorSpec], shapes: BaseShapes, max_virtual_tokens: int
+) -> None:
+    """Prompt tuning and P-tuning save their virtual token embeddings (P-tuning's already through its encoder)."""
+    virtual = _virtual_tokens(name, config, max_virtual_tokens)
+    spec = tensors.get("prompt_embeddings")
+    expected = (virtual, shapes.hidden_size)
+    if spec is None or spec.shape != expected:
+        got = None if spec is None else spec.shape
+        raise AdapterInvalid(f"{name}: prompt_embeddings has shape {got}; this base needs {expected} "
+                             "(num_virtual_tokens x hidden size)")
+
+
+def _check_prefix(
+    name: str, config: dict, tensors: dict[str, TensorSpec], shapes: BaseShapes, max_virtual_tokens: int
+) -> None:
+    virtual = _virtual_tokens(name, config, max_virtual_tokens)
     spec = tensors.get("prompt_embeddings")
     expected = (virtual, shapes.prefix_width)
     if spec is None or spec.shape != expected:

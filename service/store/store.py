@@ -33,7 +33,7 @@ PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", 
 STAGING_PREFIX = ".staging-"
 TRASH_PREFIX = ".trash-"
 _HEAD_SUFFIXES = ("score.weight", "classifier.weight")
-_KINDS = {"LORA": AdapterKind.LORA, "PREFIX_TUNING": AdapterKind.PREFIX_TUNING}
+_KINDS = {kind.name: kind for kind in AdapterKind}
 _TASKS = {"SEQ_CLS": Task.CLASSIFICATION, "CAUSAL_LM": Task.GENERATION}
 
 
@@ -71,7 +71,8 @@ def describe_folder(name: str, path: Path, accepts_base: Callable[[str | None], 
     peft_type = str(config.get("peft_type", "")).upper()
     kind = _KINDS.get(peft_type)
     if kind is None:
-        raise AdapterInvalid(f"{name}: peft_type {config.get('peft_type')!r} is not served; served: LORA, PREFIX_TUNING")
+        raise AdapterInvalid(
+            f"{name}: peft_type {config.get('peft_type')!r} is not served; served: {', '.join(_KINDS)}")
     tensors = read_header(weights_path, name)
     head = head_spec(tensors)
     task_type = config.get("task_type")
@@ -100,8 +101,8 @@ def describe_folder(name: str, path: Path, accepts_base: Callable[[str | None], 
         kind=kind,
         task=task,
         path=str(path),
-        rank=int(config["r"]) if kind is AdapterKind.LORA and "r" in config else None,
-        num_virtual_tokens=int(config.get("num_virtual_tokens") or 0) if kind is AdapterKind.PREFIX_TUNING else None,
+        rank=_rank(kind, config),
+        num_virtual_tokens=int(config.get("num_virtual_tokens") or 0) if kind.has_virtual_tokens else None,
         labels=labels,
         size_bytes=sum(p.stat().st_size for p in files),
         sha256=_content_hash(files),
@@ -263,6 +264,16 @@ class AdapterStore:
                 os.rename(entry, self.root / name)
             else:
                 shutil.rmtree(entry, ignore_errors=True)
+
+
+def _rank(kind: AdapterKind, config: dict) -> int | None:
+    """LoRA's r; AdaLoRA's target rank (its budget), else its initial one."""
+    if kind is AdapterKind.LORA and isinstance(config.get("r"), int):
+        return config["r"]
+    if kind is AdapterKind.ADALORA:
+        rank = config.get("target_r") or config.get("init_r")
+        return rank if isinstance(rank, int) else None
+    return None
 
 
 def _signature(folder: Path) -> tuple:

@@ -15,6 +15,10 @@ PLAN = [  # (step at which it joins, adapter, prompt, max_new_tokens)
     (3, "prefix-proj-gen", "prefix with projection", 6),
     (7, "lora-gen", "late", 4),
     (9, None, "after the base row left", 6),
+    (4, "prompt-gen", "a prompt tuned row joins", 7),
+    (6, "ptuning-mlp-gen", "p-tuning joins late", 5),
+    (2, "ia3-gen", "ia3 joins", 6),
+    (5, "adalora-gen", "adalora joins", 6),
 ]
 
 

@@ -23,8 +23,10 @@ TEXTS = [
     "x",
     "Numbers 1 2 3 and symbols !? mixed in",
 ]
-CLASSIFIERS = ["lora-cls", "lora-cls3", "prefix-cls", "prefix-proj-cls"]
-GENERATORS = ["lora-gen", "lora-gen-mlp", "prefix-gen", "prefix-proj-gen"]
+CLASSIFIERS = ["lora-cls", "lora-cls3", "prefix-cls", "prefix-proj-cls", "prompt-cls", "ptuning-cls", "ia3-cls",
+               "adalora-cls"]
+GENERATORS = ["lora-gen", "lora-gen-mlp", "prefix-gen", "prefix-proj-gen", "prompt-gen", "prompt-text-gen",
+              "ptuning-mlp-gen", "ptuning-lstm-gen", "ia3-gen", "ia3-attn-gen", "adalora-gen"]
 
 
 def _peft_classify(base: Path, adapter: Path, num_labels: int, text: str, tokenizer) -> torch.Tensor:

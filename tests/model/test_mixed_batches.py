@@ -23,6 +23,10 @@ CLASSIFY_ROWS = [
     ("lora-cls3", "x"),
     ("prefix-proj-cls", "symbols !? and 1 2 3"),
     ("lora-cls", "another one for the same adapter"),
+    ("prompt-cls", "prompt tuning row with padding around it"),
+    ("ptuning-cls", "p"),
+    ("ia3-cls", "ia3 scales this row only"),
+    ("adalora-cls", "adalora through the gathered pool"),
 ]
 GENERATE_ROWS = [
     ("lora-gen", "hello world", 6),
@@ -31,6 +35,12 @@ GENERATE_ROWS = [
     ("lora-gen-mlp", "x marks", 4),
     ("prefix-proj-gen", "prefix with projection", 10),
     ("lora-gen", "same adapter twice", 8),
+    ("prompt-gen", "prompt tuned row", 7),
+    ("ptuning-lstm-gen", "an lstm p-tuning row that is a little longer", 9),
+    ("prompt-text-gen", "y", 5),
+    ("ia3-gen", "ia3 generation row", 8),
+    ("ia3-attn-gen", "another ia3 adapter on other layers", 6),
+    ("adalora-gen", "adalora row", 7),
 ]
 
 

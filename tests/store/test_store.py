@@ -36,11 +36,11 @@ def test_refusals_name_the_fix(tiny_adapters: dict[str, Path], tmp_path: Path) -
     with pytest.raises(AdapterInvalid, match="safe_serialization=True"):
         describe_folder("pickled", pickled)
 
-    ia3 = _copy(tiny_adapters["lora-gen"], tmp_path / "ia3")
-    config = json.loads((ia3 / "adapter_config.json").read_text())
-    (ia3 / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
+    loha = _copy(tiny_adapters["lora-gen"], tmp_path / "loha")
+    config = json.loads((loha / "adapter_config.json").read_text())
+    (loha / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LOHA"}))
     with pytest.raises(AdapterInvalid, match="not served"):
-        describe_folder("ia3", ia3)
+        describe_folder("loha", loha)
 
     labels = _copy(tiny_adapters["lora-cls"], tmp_path / "labels")
     (labels / "labels.json").write_text(json.dumps(["only-one"]))
