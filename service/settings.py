@@ -83,7 +83,8 @@ class Settings(BaseSettings):
     max_adapter_tensors: int = Field(
         default=10_000, ge=1, description="Tensors an uploaded safetensors header may list."
     )
-    max_virtual_tokens: int = Field(default=256, ge=1, description="Largest num_virtual_tokens accepted (prefix, prompt and P-tuning).")
+    max_virtual_tokens: int = Field(
+        default=256, ge=1, description="Largest num_virtual_tokens accepted (prefix, prompt and P-tuning).")
     preload_adapters: list[str] = Field(default_factory=list, description="Adapters loaded at start.")
 
     @field_validator("adapters_dir", "cache_dir")

@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 
 from service.domain import AdapterInfo, AdapterKind, Task
 from service.errors import AdapterInvalid
-from service.model.compat import peft_internal_deprecations_silenced
 from service.model.adalora import read_entries
+from service.model.compat import peft_internal_deprecations_silenced
 from service.model.ia3 import Vectors, read_vectors
 from service.model.loading import BaseModel
 from service.model.prompt_tuning import load_virtual_tokens

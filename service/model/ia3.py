@@ -49,7 +49,8 @@ def read_vectors(config: dict, weights: dict[str, torch.Tensor], base: BaseModel
         feedforward = is_feedforward(module_path, config.get("feedforward_modules"))
         expected = (1, layer.in_features) if feedforward else (layer.out_features, 1)
         if tuple(tensor.shape) != expected:
-            raise AdapterInvalid(f"{name}: tensor {key} has shape {tuple(tensor.shape)}; {module_path} needs {expected}")
+            raise AdapterInvalid(
+                f"{name}: tensor {key} has shape {tuple(tensor.shape)}; {module_path} needs {expected}")
         vectors[module_path] = (tensor.flatten().to(device=base.device, dtype=base.dtype), feedforward)
     if not vectors:
         raise AdapterInvalid(f"{name}: the weights hold no IA3 vectors (ia3_l)")

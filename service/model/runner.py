@@ -21,8 +21,8 @@ from service.model.compat import cache_keyword
 from service.model.gathered import GatheredLora
 from service.model.ia3 import IA3Pool
 from service.model.kv_cache import KVCache, stack_right_aligned
-from service.model.prompt_tuning import virtual_ids, virtual_index
 from service.model.loading import BaseModel
+from service.model.prompt_tuning import virtual_ids, virtual_index
 
 
 @dataclass

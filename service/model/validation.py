@@ -181,7 +181,8 @@ def _virtual_tokens(name: str, config: dict, max_virtual_tokens: int) -> int:
     if not isinstance(virtual, int) or virtual <= 0:
         raise AdapterInvalid(f"{name}: num_virtual_tokens must be a positive integer")
     if virtual > max_virtual_tokens:
-        raise AdapterInvalid(f"{name}: num_virtual_tokens {virtual} exceeds this service's limit of {max_virtual_tokens}")
+        raise AdapterInvalid(
+            f"{name}: num_virtual_tokens {virtual} exceeds this service's limit of {max_virtual_tokens}")
     return virtual
 
 
