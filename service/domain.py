@@ -22,6 +22,12 @@ class AdapterKind(str, Enum):
 class Task(str, Enum):
     CLASSIFICATION = "classification"
     GENERATION = "generation"
+    TOKEN_CLASSIFICATION = "token_classification"
+
+    @property
+    def route(self) -> str:
+        return {"classification": "/v1/classify", "generation": "/v1/generate",
+                "token_classification": "/v1/classify_tokens"}[self.value]
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,17 @@ class Classification:
     label: str
     score: float
     scores: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Entity:
+    """A labelled span of an input: ``text == input[start:end]``."""
+
+    label: str
+    score: float
+    start: int
+    end: int
+    text: str
 
 
 @dataclass(frozen=True)

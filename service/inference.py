@@ -12,7 +12,8 @@ from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from concurrent.futures import Executor
 
 from service.batching.batcher import Batcher, BatchStats
-from service.domain import AdapterInfo, Classification, Generation, GenerationParams, Task
+from service.domain import AdapterInfo, Classification, Entity, Generation, GenerationParams, Task
+from service.entities import token_entities
 from service.errors import DeadlineExceeded, InvalidRequest, WrongTask
 from service.metrics import Metrics
 from service.model.resident import ResidentAdapters
@@ -86,14 +87,18 @@ class InferenceService:
     # -- requests -------------------------------------------------------------------------------------------------
 
     async def adapter_for(self, name: str | None, task: Task) -> AdapterInfo | None:
+        if task is Task.GENERATION and not self.runner.base.family.can_generate:
+            raise WrongTask(f"the base model is an encoder ({self.runner.base.family.name}) and cannot generate; "
+                            "use /v1/classify or /v1/classify_tokens")
         if name is None:
-            if task is Task.CLASSIFICATION:
-                raise WrongTask("classification needs an adapter with a classification head; name one in 'adapter'")
+            if task is not Task.GENERATION:
+                raise WrongTask(f"{task.value} needs an adapter with a classification head; name one in 'adapter'")
             return None
         info = await asyncio.to_thread(self.store.get, name)
         self.quarantine.check(info)
         if info.task is not task:
-            raise WrongTask(f"adapter {name!r} is a {info.task.value} adapter; it cannot serve {task.value}")
+            raise WrongTask(f"adapter {name!r} is a {info.task.value} adapter; it cannot serve {task.value}: "
+                            f"use {info.task.route}")
         return info
 
     async def classify(self, adapter: str | None, texts: Sequence[str]) -> list[Classification]:
@@ -109,6 +114,24 @@ class InferenceService:
         ]
         key = self._key(info, Task.CLASSIFICATION)
         return await self._submit(key, ClassifyPayload(info, inputs))
+
+    async def classify_tokens(self, adapter: str, texts: Sequence[str], aggregation: str) -> list[list[Entity]]:
+        """Entities per input, as the transformers token-classification pipeline gives them."""
+        info = await self.adapter_for(adapter, Task.TOKEN_CLASSIFICATION)
+        if len(texts) > self.settings.max_inputs_per_request:
+            raise InvalidRequest(
+                f"{len(texts)} inputs in one request; the limit is {self.settings.max_inputs_per_request}"
+            )
+        limit = self.settings.max_input_tokens
+        encoded = [
+            self.runner.encode_with_offsets(text, limit, f"input {index}" if len(texts) > 1 else "input")
+            for index, text in enumerate(texts)
+        ]
+        key = self._key(info, Task.TOKEN_CLASSIFICATION)
+        scores = await self._submit(key, ClassifyPayload(info, [e.ids for e in encoded]))
+        labels = info.labels or []
+        return [token_entities(text, e.offsets, e.special, s, labels, aggregation)
+                for text, e, s in zip(texts, encoded, scores)]
 
     async def prepare_generation(self, adapter: str | None, params: GenerationParams) -> GeneratePayload:
         """Everything that can refuse a generation request, done before any response starts."""

@@ -8,7 +8,7 @@ gets its answer. Nothing here raises out of a batch: each request gets its resul
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +43,8 @@ class GroupKey:
 
 @dataclass(frozen=True)
 class ClassifyPayload:
+    """Sequence or token classification of one request's inputs (token ids each)."""
+
     info: AdapterInfo
     inputs: list[list[int]]
 
@@ -96,7 +98,9 @@ class BatchWorker:
         assert isinstance(key, GroupKey)
         try:
             if key.task is Task.CLASSIFICATION:
-                return self._classify_group(payloads)
+                return self._classify_group(payloads, self.runner.classify, _classifications)
+            if key.task is Task.TOKEN_CLASSIFICATION:
+                return self._classify_group(payloads, self.runner.classify_tokens, lambda payload, scores: scores)
             return self._generate_group(payloads, report)
         except Exception as error:  # a bug outside any forward: its requests get a JSON 500, the worker lives on
             return [self._internal(error, "batch")] * len(payloads)
@@ -147,6 +151,8 @@ class BatchWorker:
             with torch.inference_mode():
                 if info.task is Task.CLASSIFICATION:
                     scores = torch.tensor(self.runner.classify([adapter], [ids]))
+                elif info.task is Task.TOKEN_CLASSIFICATION:
+                    scores = torch.tensor(self.runner.classify_tokens([adapter], [ids]))
                 else:
                     batch_ids, mask, positions, cache = self.runner.start([adapter], [ids])
                     with self.runner.lora_routing([adapter]):
@@ -234,37 +240,44 @@ class BatchWorker:
 
     # -- static groups --------------------------------------------------------------------------------------------
 
-    def _classify_group(self, payloads: Sequence[ClassifyPayload]) -> list:
+    def _classify_group(
+        self,
+        payloads: Sequence[ClassifyPayload],
+        run: Callable[[Sequence[LoadedAdapter], Sequence[Sequence[int]]], list],
+        convert: Callable[[ClassifyPayload, list], object],
+    ) -> list:
+        """Every input of every request in passes of similar lengths; ``run`` scores a pass, ``convert`` turns a
+        request's scores into its result."""
         adapters, failures = self._acquire_each([payload.info for payload in payloads])
         rows = [
             (index, adapter, ids)
             for index, (adapter, payload) in enumerate(zip(adapters, payloads)) if index not in failures
             for ids in payload.inputs
         ]
-        probabilities: list[list[float]] = [[] for _ in rows]
+        scores: list = [None] * len(rows)
         for bucket in length_buckets([len(ids) for _, _, ids in rows], self.settings.max_batch_size):
-            for positions, outcome in self._classify_isolating([rows[i] for i in bucket]):
+            for positions, outcome in self._run_isolating(run, [rows[i] for i in bucket]):
                 for order, position in enumerate(positions):
                     row = bucket[position]
                     if isinstance(outcome, Exception):
                         failures.setdefault(rows[row][0], outcome)
                     else:
-                        probabilities[row] = outcome[order]
+                        scores[row] = outcome[order]
         rows_of: dict[int, list[int]] = {}
         for row, (index, _, _) in enumerate(rows):
             rows_of.setdefault(index, []).append(row)
         return [
-            failures[index] if index in failures
-            else [_classification(payload.info.labels or [], probabilities[row]) for row in rows_of[index]]
+            failures[index] if index in failures else convert(payload, [scores[row] for row in rows_of[index]])
             for index, payload in enumerate(payloads)
         ]
 
-    def _classify_isolating(
-        self, rows: Sequence[tuple[int, LoadedAdapter, list[int]]]
-    ) -> list[tuple[list[int], list[list[float]] | Exception]]:
-        """(row positions, their probabilities or the error) for one pass, split by adapter if the pass fails."""
+    def _run_isolating(
+        self, run: Callable[[Sequence[LoadedAdapter], Sequence[Sequence[int]]], list],
+        rows: Sequence[tuple[int, LoadedAdapter, list[int]]],
+    ) -> list[tuple[list[int], list | Exception]]:
+        """(row positions, their scores or the error) for one pass, split by adapter if the pass fails."""
         try:
-            return [(list(range(len(rows))), self.runner.classify([a for _, a, _ in rows], [i for _, _, i in rows]))]
+            return [(list(range(len(rows))), run([a for _, a, _ in rows], [i for _, _, i in rows]))]
         except Exception as error:
             groups: dict[int, list[int]] = {}
             for position, (_, adapter, _) in enumerate(rows):
@@ -273,12 +286,11 @@ class BatchWorker:
                 return [(list(range(len(rows))), self._forward_failed(rows[0][1], error))]
             logger.warning("classification pass of %d rows failed (%r); retrying %d adapter groups apart",
                            len(rows), error, len(groups))
-        outcomes: list[tuple[list[int], list[list[float]] | Exception]] = []
+        outcomes: list[tuple[list[int], list | Exception]] = []
         for positions in groups.values():
             adapter = rows[positions[0]][1]
             try:
-                outcomes.append((positions, self.runner.classify([adapter] * len(positions),
-                                                                 [rows[p][2] for p in positions])))
+                outcomes.append((positions, run([adapter] * len(positions), [rows[p][2] for p in positions])))
             except Exception as group_error:
                 outcomes.append((positions, self._forward_failed(adapter, group_error)))
         return outcomes
@@ -300,6 +312,10 @@ class BatchWorker:
 def _reason(error: Exception) -> str:
     text = f"{type(error).__name__}: {error}"
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _classifications(payload: ClassifyPayload, scores: list[list[float]]) -> list[Classification]:
+    return [_classification(payload.info.labels or [], probabilities) for probabilities in scores]
 
 
 def _classification(labels: list[str], probabilities: list[float]) -> Classification:

@@ -24,7 +24,13 @@ from peft import (
     TaskType,
     get_peft_model,
 )
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+from transformers import (
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    LlamaForTokenClassification,
+)
 
 from service.model.loading import embedded_model_folder
 from service.settings import Settings
@@ -98,6 +104,9 @@ def make_adapter(
         model = LlamaForSequenceClassification.from_pretrained(base, num_labels=num_labels)
         model.config.pad_token_id = model.config.pad_token_id or 2
         task_type = TaskType.SEQ_CLS
+    elif task == "tok":
+        model = LlamaForTokenClassification.from_pretrained(base, num_labels=num_labels)
+        task_type = TaskType.TOKEN_CLS
     else:
         model = LlamaForCausalLM.from_pretrained(base)
         task_type = TaskType.CAUSAL_LM
@@ -150,6 +159,8 @@ def tiny_adapters(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> 
         "ia3-cls": ("ia3", "cls", {"labels": ["neg", "pos"], "seed": 14}),
         "adalora-gen": ("adalora", "gen", {"seed": 15}),
         "adalora-cls": ("adalora", "cls", {"labels": ["p", "q", "r"], "num_labels": 3, "seed": 16}),
+        "lora-tok": ("lora", "tok", {"labels": ["O", "B-PER", "I-PER"], "num_labels": 3, "seed": 17}),
+        "prompt-tok": ("prompt", "tok", {"labels": ["O", "B-X", "I-X"], "num_labels": 3, "seed": 18}),
     }
     for _, _, options in specs.values():
         if options.get("tokenizer_name_or_path") == "__tiny_base__":

@@ -27,6 +27,30 @@ class ClassifyResponse(BaseModel):
     results: list[ClassificationResult]
 
 
+class ClassifyTokensRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    adapter: str = Field(description="A token classification adapter's name.")
+    inputs: str | list[str] = Field(description="One text, or a list of texts, each labelled token by token.")
+    aggregation: Literal["simple", "none"] = Field(
+        default="simple",
+        description="'simple': neighbouring tokens of one entity merged (B-/I- dropped, mean score), as the "
+                    "transformers pipeline's aggregation_strategy='simple'; 'none': one item per token.")
+
+
+class EntityResult(BaseModel):
+    label: str
+    score: float
+    start: int = Field(description="Character offset of the span in its input.")
+    end: int
+    text: str = Field(description="input[start:end]")
+
+
+class ClassifyTokensResponse(BaseModel):
+    adapter: str
+    results: list[list[EntityResult]]
+
+
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -52,7 +76,7 @@ class GenerateResponse(BaseModel):
 class AdapterEntry(BaseModel):
     name: str
     type: Literal["lora", "prefix_tuning", "prompt_tuning", "p_tuning", "ia3", "adalora"]
-    task: Literal["classification", "generation"]
+    task: Literal["classification", "generation", "token_classification"]
     rank: int | None
     num_virtual_tokens: int | None
     labels: list[str] | None

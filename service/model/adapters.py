@@ -9,7 +9,6 @@ linear layers and applied to the backbone's pooled hidden state, so no second co
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from service.domain import AdapterInfo, AdapterKind, Task
 from service.errors import AdapterInvalid
 from service.model.adalora import read_entries
 from service.model.compat import peft_internal_deprecations_silenced
+from service.model.families.base import HEAD_KEY, head_outputs
 from service.model.ia3 import Vectors, read_vectors
 from service.model.loading import BaseModel
 from service.model.prompt_tuning import load_virtual_tokens
@@ -34,9 +34,6 @@ from service.model.vocabulary import VOCABULARY_MODULES, VocabularyOverride, spl
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 HEAD_MODULES = ("score", "classifier")
-_HEAD_KEY = re.compile(
-    r"^(?:base_model\.)?(?:model\.)?(?P<module>score|classifier)(?:\.modules_to_save\.[^.]+)?\.(?P<param>weight|bias)$"
-)
 
 
 @dataclass
@@ -44,7 +41,7 @@ class LoadedAdapter:
     """An adapter resident in the model, ready to serve."""
 
     info: AdapterInfo
-    head: torch.nn.Linear | None = None
+    head: torch.nn.Module | None = None
     prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (key, value): [1, kv_heads, P, dim]
     peft_name: str | None = None  # its name inside the LoRA host
     vocabulary: VocabularyOverride | None = None  # its own embeddings / output head rows, if it saved any
@@ -91,11 +88,12 @@ def read_adapter_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def split_head(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Separate a classification head (``score`` / ``classifier`` in modules_to_save) from the other weights."""
+    """Separate a task head (``score`` / ``classifier`` in modules_to_save) from the other weights; the head's
+    parameters by their name inside it (``weight``, ``dense.weight`` ...)."""
     head: dict[str, torch.Tensor] = {}
     rest: dict[str, torch.Tensor] = {}
     for key, tensor in weights.items():
-        match = _HEAD_KEY.match(key)
+        match = HEAD_KEY.match(key)
         if match:
             head[match["param"]] = tensor
         else:
@@ -103,18 +101,15 @@ def split_head(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
     return head, rest
 
 
-def build_head(head_weights: dict[str, torch.Tensor], base: BaseModel, name: str) -> torch.nn.Linear:
-    weight = head_weights.get("weight")
+def build_head(head_weights: dict[str, torch.Tensor], base: BaseModel, task: Task, name: str) -> torch.nn.Module:
+    """The architecture's own head for the task, with the adapter's weights."""
+    family = base.family
+    head = (family.sequence_head if task is Task.CLASSIFICATION else family.token_head)(head_weights, name)
+    first = next(m for m in head.modules() if isinstance(m, torch.nn.Linear))
     hidden = base.model.config.hidden_size
-    if weight is None or weight.dim() != 2 or weight.shape[1] != hidden:
-        shape = None if weight is None else tuple(weight.shape)
-        raise AdapterInvalid(f"{name}: classification head has shape {shape}, expected (num_labels, {hidden})")
-    bias = head_weights.get("bias")
-    head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    with torch.no_grad():
-        head.weight.copy_(weight)
-        if bias is not None:
-            head.bias.copy_(bias)
+    if first.in_features != hidden:
+        raise AdapterInvalid(
+            f"{name}: its head reads {first.in_features} features; this base's hidden size is {hidden}")
     return head.to(device=base.device, dtype=base.dtype).eval().requires_grad_(False)
 
 
@@ -283,13 +278,16 @@ def load_adapter(info: AdapterInfo, base: BaseModel, lora_host: LoraHost, peft_n
     """Read an adapter folder and make it resident: LoRA into the host, prefix key/values and head computed."""
     path = Path(info.path)
     config_dict = read_config(path)
-    weights = read_adapter_weights(path)
+    weights = {base.family.local_key(key): tensor for key, tensor in read_adapter_weights(path).items()}
     head_weights, weights = split_head(weights)
-    head = build_head(head_weights, base, info.name) if info.task is Task.CLASSIFICATION else None
-    if info.task is Task.CLASSIFICATION and info.labels is not None and len(info.labels) != head.out_features:
+    head = build_head(head_weights, base, info.task, info.name) if info.task is not Task.GENERATION else None
+    if head is not None and info.labels is not None and len(info.labels) != head_outputs(head):
         raise AdapterInvalid(
-            f"{info.name}: labels.json names {len(info.labels)} labels but the head has {head.out_features} outputs"
+            f"{info.name}: labels.json names {len(info.labels)} labels but the head has {head_outputs(head)} outputs"
         )
+    if info.kind is AdapterKind.PREFIX_TUNING and not base.family.serves_prefix_tuning:
+        raise AdapterInvalid(f"{info.name}: prefix tuning on a {base.family.name} base is not served yet; "
+                             "prompt tuning, P-tuning, LoRA, AdaLoRA and IA3 are")
     if info.kind is AdapterKind.PREFIX_TUNING:
         prefix = compute_prefix(config_dict, weights, base, info.name)
         return LoadedAdapter(info=info, head=head, prefix=prefix)
@@ -305,7 +303,7 @@ def load_adapter(info: AdapterInfo, base: BaseModel, lora_host: LoraHost, peft_n
     embedding = base.model.get_input_embeddings()
     embedding = getattr(embedding, "base_layer", embedding).weight  # under a LoRA host, the original module's
     tied = bool(getattr(base.model.config, "tie_word_embeddings", False))
-    output = base.model.get_output_embeddings()
+    output = base.model.get_output_embeddings() or base.model.get_input_embeddings()  # encoders have no LM head
     output = getattr(output, "base_layer", output).weight
     vocabulary, weights = split_vocabulary(weights, config_dict, info.name, embedding, output, tied)
     check_lora_weights(info.name, config_dict, weights)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from service.model.families import DECODER, Family, family_for
 from service.settings import EMBEDDED_MODEL_ID, Settings
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class BaseModel:
     dtype: torch.dtype
     path: str
     accepted_names: set[str] = field(default_factory=set)
+    family: Family = DECODER
 
     def names_base(self, name_or_path: str | None) -> bool:
         """Whether an adapter's ``base_model_name_or_path`` names this base."""
@@ -123,7 +125,8 @@ def load_base_model(settings: Settings) -> BaseModel:
     dtype = resolve_dtype(settings.dtype, device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        family = family_for(AutoConfig.from_pretrained(source))
+        model = family.load(source, dtype)
     except (OSError, ValueError) as error:
         raise BaseModelUnavailable(f"cannot load base model {source!r}: {error}") from error
     model.to(device)
@@ -135,5 +138,6 @@ def load_base_model(settings: Settings) -> BaseModel:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return BaseModel(
-        model=model, tokenizer=tokenizer, device=device, dtype=dtype, path=source, accepted_names=accepted
+        model=model, tokenizer=tokenizer, device=device, dtype=dtype, path=source, accepted_names=accepted,
+        family=family,
     )

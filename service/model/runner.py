@@ -10,7 +10,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -34,6 +34,20 @@ class GenerationJob:
     cancelled: threading.Event = field(default_factory=threading.Event)  # set when its client is gone
 
 
+def _rows_by_adapter(adapters: Sequence[LoadedAdapter | None]) -> list[list[int]]:
+    rows: dict[int, list[int]] = {}
+    for row, adapter in enumerate(adapters):
+        rows.setdefault(id(adapter), []).append(row)
+    return list(rows.values())
+
+
+@dataclass(frozen=True)
+class Encoded:
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+    special: list[int]
+
+
 class DecodingRow(Protocol):
     """What ``advance`` needs of a sequence being decoded."""
 
@@ -53,7 +67,7 @@ class ModelRunner:
         self.ia3 = IA3Pool(base)
         self._peft_names = (f"adapter{i}" for i in itertools.count())
         config = base.model.config
-        self.max_positions: int = getattr(config, "max_position_embeddings", None) or 1 << 30
+        self.max_positions: int = base.family.max_positions(config)
         self.eos_token_ids = self._eos_ids()
         self.pad_token_id: int = base.tokenizer.pad_token_id
         self._cache_keyword = cache_keyword(base.model.base_model)
@@ -61,7 +75,8 @@ class ModelRunner:
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
-        for source in (self.base.model.generation_config, self.base.model.config, self.base.tokenizer):
+        for source in (getattr(self.base.model, "generation_config", None), self.base.model.config,
+                       self.base.tokenizer):
             value = getattr(source, "eos_token_id", None)
             if isinstance(value, int):
                 ids.add(value)
@@ -142,6 +157,19 @@ class ModelRunner:
             raise InvalidRequest(f"{what} has {len(ids)} tokens; the limit is {limit}")
         return ids
 
+    def encode_with_offsets(self, text: str, limit: int, what: str = "input") -> Encoded:
+        """Token ids with each token's character span and whether it is a special token (token classification)."""
+        if not self.base.tokenizer.is_fast:
+            raise InvalidRequest("token classification needs a fast tokenizer (character offsets); this base has none")
+        encoded = self.base.tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True)
+        ids = encoded["input_ids"]
+        limit = min(limit, self.max_positions)
+        if not ids:
+            raise InvalidRequest(f"{what} is empty after tokenization")
+        if len(ids) > limit:
+            raise InvalidRequest(f"{what} has {len(ids)} tokens; the limit is {limit}")
+        return Encoded(ids, [tuple(o) for o in encoded["offset_mapping"]], encoded["special_tokens_mask"])
+
     def encode_prompt(self, params: GenerationParams, limit: int) -> list[int]:
         text = params.prompt
         if params.chat:
@@ -159,14 +187,17 @@ class ModelRunner:
     # -- batches --------------------------------------------------------------------------------------------------
 
     def _pad(self, sequences: Sequence[Sequence[int]], offsets: Sequence[int]) -> tuple[torch.Tensor, ...]:
-        """Left-pad so every row's last token is at -1; positions count real tokens only, after the row's prefix."""
+        """Pad to one width: on the left for decoders (every row's last token at -1), on the right for encoders
+        (their positions start at the first token); positions count real tokens only, after the row's prefix."""
         width = max(len(s) for s in sequences)
         device = self.base.device
         ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long, device=device)
         mask = torch.zeros((len(sequences), width), dtype=torch.long, device=device)
+        left = self.base.family.pads_left
         for row, sequence in enumerate(sequences):
-            ids[row, width - len(sequence):] = torch.tensor(sequence, dtype=torch.long, device=device)
-            mask[row, width - len(sequence):] = 1
+            columns = slice(width - len(sequence), width) if left else slice(0, len(sequence))
+            ids[row, columns] = torch.tensor(sequence, dtype=torch.long, device=device)
+            mask[row, columns] = 1
         offset = torch.tensor(offsets, dtype=torch.long, device=device).unsqueeze(1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0) + offset
         return ids, mask, positions
@@ -191,8 +222,8 @@ class ModelRunner:
 
     def _backbone(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: KVCache | None
-    ) -> torch.Tensor:
-        """Last-position hidden state of each row (rows of adapters with their own embeddings embedded by them)."""
+    ) -> Any:
+        """The backbone's output for the batch (rows of adapters with their own embeddings embedded by them)."""
         inputs: dict[str, torch.Tensor] = {"input_ids": ids}
         own = [(row, a.vocabulary) for row, a in enumerate(self._routed)
                if a is not None and a.vocabulary is not None and a.vocabulary.changes_input]
@@ -206,10 +237,10 @@ class ModelRunner:
                 tokens = self._routed[row].virtual_tokens
                 embeddings[row, virtual[row]] = tokens[virtual_index(ids[row, virtual[row]])].to(embeddings.dtype)
             inputs = {"inputs_embeds": embeddings}
-        output = self.base.model.base_model(
-            **inputs, attention_mask=mask, position_ids=positions, use_cache=True, **{self._cache_keyword: cache}
+        family = self.base.family
+        return family.backbone(self.base.model)(
+            **inputs, attention_mask=mask, **family.forward_kwargs(positions, cache, self._cache_keyword)
         )
-        return output.last_hidden_state[:, -1]
 
     def start(
         self, adapters: Sequence[LoadedAdapter | None], sequences: Sequence[Sequence[int]]
@@ -226,27 +257,41 @@ class ModelRunner:
     def classify(
         self, adapters: Sequence[LoadedAdapter], inputs: Sequence[Sequence[int]]
     ) -> list[list[float]]:
-        """Class probabilities per input: each row's own adapter and head on its last real token."""
+        """Class probabilities per input: each row through its own adapter and its own head."""
         with torch.inference_mode(), self.lora_routing(adapters):
             ids, mask, positions, cache = self.start(adapters, inputs)
-            hidden = self._backbone(ids, mask, positions, cache)
+            features = self.base.family.sequence_features(self._backbone(ids, mask, positions, cache))
             probabilities: list[list[float]] = [[] for _ in adapters]
-            heads: dict[int, list[int]] = {}
-            for row, adapter in enumerate(adapters):
-                heads.setdefault(id(adapter), []).append(row)
-            for rows in heads.values():
+            for rows in _rows_by_adapter(adapters):
                 head = adapters[rows[0]].head
                 assert head is not None
-                logits = head(hidden[rows]).float()
+                logits = head(features[rows]).float()
                 for row, values in zip(rows, torch.softmax(logits, dim=-1).tolist()):
                     probabilities[row] = values
+            return probabilities
+
+    def classify_tokens(
+        self, adapters: Sequence[LoadedAdapter], inputs: Sequence[Sequence[int]]
+    ) -> list[list[list[float]]]:
+        """Label probabilities of every input token (virtual tokens and padding left out), per input."""
+        with torch.inference_mode(), self.lora_routing(adapters):
+            ids, mask, positions, cache = self.start(adapters, inputs)
+            hidden = self._backbone(ids, mask, positions, cache).last_hidden_state
+            token_mask = mask[:, -ids.shape[1]:].bool() & (ids >= 0)  # the rows' own tokens, in order
+            probabilities: list[list[list[float]]] = [[] for _ in adapters]
+            for rows in _rows_by_adapter(adapters):
+                head = adapters[rows[0]].head
+                assert head is not None
+                scores = torch.softmax(head(hidden[rows]).float(), dim=-1)
+                for row, row_scores in zip(rows, scores):
+                    probabilities[row] = row_scores[token_mask[row]].tolist()
             return probabilities
 
     def logits(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: KVCache
     ) -> torch.Tensor:
         """Next-token logits of each row (its last position); the cache grows by the given ids."""
-        hidden = self._backbone(ids, mask, positions, cache)
+        hidden = self.base.family.sequence_features(self._backbone(ids, mask, positions, cache))
         logits = self.base.model.get_output_embeddings()(hidden)
         for row, adapter in enumerate(self._routed):
             if adapter is not None and adapter.vocabulary is not None and adapter.vocabulary.changes_output:

@@ -30,6 +30,7 @@ class BaseShapes:
 
     def __init__(self, base: BaseModel) -> None:
         config = base.model.config
+        self.family = base.family
         self.hidden_size: int = config.hidden_size
         self.layers: int = config.num_hidden_layers
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -57,7 +58,8 @@ def check_adapter(
     """Refuse an adapter that does not fit the base, naming the problem."""
     path = Path(info.path)
     config = json.loads((path / CONFIG_FILE).read_text())
-    tensors = read_header(path / WEIGHTS_FILE, info.name, max_tensors)
+    tensors = {shapes.family.local_key(key): spec
+               for key, spec in read_header(path / WEIGHTS_FILE, info.name, max_tensors).items()}
     head = head_spec(tensors)
     if head is not None and (len(head.shape) != 2 or head.shape[1] != shapes.hidden_size):
         raise AdapterInvalid(
@@ -67,6 +69,9 @@ def check_adapter(
     if info.kind is AdapterKind.LORA:
         _check_lora(info.name, config, tensors, shapes, max_rank)
     elif info.kind is AdapterKind.PREFIX_TUNING:
+        if not shapes.family.serves_prefix_tuning:
+            raise AdapterInvalid(f"{info.name}: prefix tuning on a {shapes.family.name} base is not served yet; "
+                                 "prompt tuning, P-tuning, LoRA, AdaLoRA and IA3 are")
         _check_prefix(info.name, config, tensors, shapes, max_virtual_tokens)
     elif info.kind is AdapterKind.IA3:
         _check_ia3(info.name, config, tensors, shapes)

@@ -32,9 +32,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.pkl")
 STAGING_PREFIX = ".staging-"
 TRASH_PREFIX = ".trash-"
-_HEAD_SUFFIXES = ("score.weight", "classifier.weight")
+_HEAD_SUFFIXES = ("score.weight", "classifier.weight", "classifier.out_proj.weight")  # the labels' rows
 _KINDS = {kind.name: kind for kind in AdapterKind}
-_TASKS = {"SEQ_CLS": Task.CLASSIFICATION, "CAUSAL_LM": Task.GENERATION}
+_TASKS = {"SEQ_CLS": Task.CLASSIFICATION, "CAUSAL_LM": Task.GENERATION, "TOKEN_CLS": Task.TOKEN_CLASSIFICATION}
 
 
 def valid_name(name: str) -> bool:
@@ -81,10 +81,11 @@ def describe_folder(name: str, path: Path, accepts_base: Callable[[str | None], 
     elif str(task_type).upper() in _TASKS:
         task = _TASKS[str(task_type).upper()]
     else:
-        raise AdapterInvalid(f"{name}: task_type {task_type!r} is not served; served: CAUSAL_LM, SEQ_CLS")
-    if task is Task.CLASSIFICATION and head is None:
+        raise AdapterInvalid(f"{name}: task_type {task_type!r} is not served; served: {', '.join(_TASKS)}")
+    if task is not Task.GENERATION and head is None:
         raise AdapterInvalid(
-            f"{name}: a SEQ_CLS adapter needs its classification head in the weights (modules_to_save=['score'])"
+            f"{name}: a {task_type} adapter needs its head in the weights (PEFT saves it through modules_to_save: "
+            "'score' on decoders, 'classifier' on BERT/RoBERTa)"
         )
     base_name = config.get("base_model_name_or_path")
     if accepts_base is not None and not accepts_base(base_name):

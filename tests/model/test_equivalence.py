@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
 from service.domain import GenerationParams
 from service.model.adapters import LoadedAdapter
@@ -50,6 +50,26 @@ def test_classification_matches_peft(name: str, runner: ModelRunner, store: Adap
         with torch.no_grad():
             expected = torch.softmax(model(**tokenizer(text, return_tensors="pt")).logits, -1)[0]
         assert torch.allclose(torch.tensor(probabilities), expected, atol=1e-4), (name, text)
+    runner.unload(adapter)
+
+
+@pytest.mark.parametrize("name", ["lora-tok", "prompt-tok"])
+def test_token_classification_matches_peft_and_acts(name: str, runner: ModelRunner, store: AdapterStore,
+                                                    tiny_base: Path, tiny_adapters: dict[str, Path]) -> None:
+    info = store.get(name)
+    adapter = runner.load(info)
+    tokenizer = runner.base.tokenizer
+    inputs = [tokenizer(t)["input_ids"] for t in TEXTS]
+    ours = runner.classify_tokens([adapter] * len(TEXTS), inputs)
+    bare = runner.classify_tokens([LoadedAdapter(info=info, head=adapter.head)] * len(TEXTS), inputs)
+    model = PeftModel.from_pretrained(
+        AutoModelForTokenClassification.from_pretrained(tiny_base, num_labels=len(info.labels)), tiny_adapters[name]
+    ).eval()
+    for text, probabilities, on_base in zip(TEXTS, ours, bare):
+        with torch.no_grad():
+            logits = model(**tokenizer(text, return_tensors="pt")).logits[0, adapter.prompt_length:]
+        assert torch.allclose(torch.tensor(probabilities), torch.softmax(logits, -1), atol=1e-4), (name, text)
+        assert (torch.tensor(probabilities) - torch.tensor(on_base)).abs().max() > 1e-3, (name, text)
     runner.unload(adapter)
 
 

@@ -13,6 +13,9 @@ from service.api.schemas import (
     ClassificationResult,
     ClassifyRequest,
     ClassifyResponse,
+    ClassifyTokensRequest,
+    ClassifyTokensResponse,
+    EntityResult,
     GenerateRequest,
     GenerateResponse,
     error_responses,
@@ -36,6 +39,23 @@ async def classify(body: ClassifyRequest, request: Request, inference: Inference
         adapter=body.adapter,
         results=[ClassificationResult(label=r.label, score=r.score, scores=r.scores) for r in results],
     )
+
+
+@router.post("/classify_tokens", response_model=ClassifyTokensResponse)
+async def classify_tokens(
+    body: ClassifyTokensRequest, request: Request, inference: Inference
+) -> ClassifyTokensResponse:
+    """Entities (labelled character spans) per input, from a token classification adapter; tokens labelled O are
+    left out."""
+    request.state.adapter = body.adapter
+    texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+    if not texts:
+        raise InvalidRequest("inputs is empty; give a text or a list of texts")
+    results = await inference.classify_tokens(body.adapter, texts, body.aggregation)
+    return ClassifyTokensResponse(adapter=body.adapter, results=[
+        [EntityResult(label=e.label, score=e.score, start=e.start, end=e.end, text=e.text) for e in entities]
+        for entities in results
+    ])
 
 
 @router.post(
