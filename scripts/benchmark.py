@@ -29,7 +29,7 @@ from pathlib import Path
 
 import httpx
 import torch
-from peft import LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
+from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -49,9 +49,22 @@ Row = tuple[str, str, float, str]
 VllmWorkload = tuple[str, Callable[[], str], int, int]
 
 
-def make_adapters(base: Path, store: Path, loras: int, prefixes: int) -> dict[str, list[str]]:
-    """Synthetic adapters of both tasks; random weights, real PEFT files."""
-    names: dict[str, list[str]] = {"classification": [], "generation": []}
+def make_adapters(base: Path, store: Path, loras: int, prefixes: int, prompts: int = 0,
+                  ia3s: int = 0) -> dict[str, list[str]]:
+    """Synthetic adapters of both tasks; random weights, real PEFT files. Prompt tuning and IA3 adapters (generation
+    only, listed apart so the LoRA + prefix measures stay comparable across runs) join the mixed-kinds run."""
+    names: dict[str, list[str]] = {"classification": [], "generation": [], "other kinds": []}
+    for index in range(prompts + ia3s):
+        model = AutoModelForCausalLM.from_pretrained(base)
+        if index < prompts:
+            config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=8)
+            name = f"bench-gen-prompt-{index}"
+        else:
+            config, name = IA3Config(task_type=TaskType.CAUSAL_LM), f"bench-gen-ia3-{index}"
+        peft_model = get_peft_model(model, config)
+        peft_model.peft_config["default"].base_model_name_or_path = EMBEDDED_MODEL_ID
+        peft_model.save_pretrained(store / name)
+        names["other kinds"].append(name)
     torch.manual_seed(0)
     for task, task_type in (("classification", TaskType.SEQ_CLS), ("generation", TaskType.CAUSAL_LM)):
         for index in range(loras + prefixes):
@@ -367,6 +380,38 @@ def run_vllm(python: str, prefix: Path, base: Path, store: Path, loras: list[str
     return version, rows
 
 
+def kinds_rows(url: str, adapters: dict[str, list[str]], prompts: list[str]) -> list[Row]:
+    """Generation over LoRA adapters only against every kind at once (LoRA, prefix, prompt tuning, IA3), uniform;
+    the cost of mixing kinds is their ratio, measured back to back on one server."""
+    rng = random.Random(7)
+    loras = [a for a in adapters["generation"] if "-lora-" in a]
+    every = adapters["generation"] + adapters["other kinds"]
+    warm = [{"adapter": a, "prompt": "warm up", "max_new_tokens": 1} for a in adapters["other kinds"]]
+    asyncio.run(drive(url, "/v1/generate", warm, 8))
+    figures = {}
+    for label, names in (("LoRA only uniform", loras), ("every kind uniform", every)):
+        bodies = [{"adapter": pick(rng, names, False), "prompt": p, "max_new_tokens": 32} for p in prompts]
+        figures[label] = asyncio.run(stream_generate(url, bodies, 16))["tok/s"]
+        print(f"[mixed] generate {label}: {figures[label]:.2f} tok/s", flush=True)
+    return [("mixed", f"generate {label}", value, "tok/s") for label, value in figures.items()] + [
+        ("mixed", "generate every kind / LoRA only", figures["every kind uniform"] / figures["LoRA only uniform"],
+         "ratio")]
+
+
+def kinds_run(store: Path, adapters: dict[str, list[str]], prompts: list[str], port: int) -> None:
+    server = start_server(store, "mixed", port)
+    try:
+        warm = [{"adapter": a, "prompt": "warm up", "max_new_tokens": 1} for a in adapters["generation"]]
+        asyncio.run(drive(f"http://127.0.0.1:{port}", "/v1/generate", warm, 8))
+        rows = kinds_rows(f"http://127.0.0.1:{port}", adapters, prompts)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    for strategy, name, value, unit in rows:
+        print(f"{strategy:<8} {name:<44} {value:>10.2f}  {unit}")
+    print(f"\ntorch {torch.__version__}, {os.cpu_count()} CPUs, cuda={torch.cuda.is_available()}")
+
+
 def generation_rows(strategy: str, measure: str, figures: dict[str, float]) -> list[Row]:
     return [(strategy, measure, figures["tok/s"], "tok/s"),
             (strategy, f"{measure} TTFT p50 / p99", figures["ttft p50"], f"s / {figures['ttft p99']:.2f} s"),
@@ -379,6 +424,10 @@ def main() -> None:
     parser.add_argument("--gen-requests", type=int, default=64)
     parser.add_argument("--lora", type=int, default=32)
     parser.add_argument("--prefix", type=int, default=8)
+    parser.add_argument("--prompt", type=int, default=4, help="prompt tuning adapters for the mixed-kinds run")
+    parser.add_argument("--ia3", type=int, default=4, help="IA3 adapters for the mixed-kinds run")
+    parser.add_argument("--kinds-only", action="store_true",
+                        help="only the generation run mixing every kind against LoRA-only mixing (mixed batching)")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--vllm-python", metavar="PATH",
                         help="python of an environment with vLLM: also measure vLLM on the same LoRA adapters")
@@ -392,11 +441,14 @@ def main() -> None:
             parser.error(f"--vllm-python {args.vllm_python} cannot import vllm")
     base = embedded_model_folder(Settings().cache_dir)
     store = Path(tempfile.mkdtemp(prefix="bench-store-"))
-    adapters = make_adapters(base, store, args.lora, args.prefix)
+    adapters = make_adapters(base, store, args.lora, args.prefix, args.prompt, args.ia3)
     rng = random.Random(0)
     cls_texts = [text_of(rng, 16, 64) for _ in range(args.requests)]
     gen_prompts = [text_of(rng, 8, 24) for _ in range(args.gen_requests)]
     rows: list[Row] = []
+    if args.kinds_only:
+        kinds_run(store, adapters, gen_prompts, args.port or _free_port())
+        return
     for batching in ("mixed", "grouped"):
         port = args.port or _free_port()
         server = start_server(store, batching, port)
@@ -433,6 +485,8 @@ def main() -> None:
                 print(f"[{batching}] generate {label}: {gen[label]:.2f} tok/s", flush=True)
                 rows += generation_rows(batching, f"generate {label}", figures)
             rows.append((batching, "generate mixed / base only", gen["40 adapters uniform"] / gen["base only"], "ratio"))
+            if batching == "mixed" and adapters["other kinds"]:
+                rows += kinds_rows(url, adapters, gen_prompts)
         finally:
             server.terminate()
             server.wait(timeout=60)

@@ -10,6 +10,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from concurrent.futures import Executor
+from typing import TypeVar
 
 from service.batching.batcher import Batcher, BatchStats
 from service.domain import AdapterInfo, Classification, Entity, Generation, GenerationParams, Task
@@ -24,6 +25,7 @@ from service.store.store import AdapterStore
 from service.worker import BatchWorker, ClassifyPayload, GeneratePayload, GroupKey
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class InferenceService:
@@ -103,35 +105,29 @@ class InferenceService:
 
     async def classify(self, adapter: str | None, texts: Sequence[str]) -> list[Classification]:
         info = await self.adapter_for(adapter, Task.CLASSIFICATION)
-        if len(texts) > self.settings.max_inputs_per_request:
-            raise InvalidRequest(
-                f"{len(texts)} inputs in one request; the limit is {self.settings.max_inputs_per_request}"
-            )
-        limit = self.settings.max_input_tokens
-        inputs = [
-            self.runner.encode_text(text, limit, f"input {index}" if len(texts) > 1 else "input")
-            for index, text in enumerate(texts)
-        ]
+        inputs = self._encode_each(texts, self.runner.encode_text)
         key = self._key(info, Task.CLASSIFICATION)
         return await self._submit(key, ClassifyPayload(info, inputs))
 
     async def classify_tokens(self, adapter: str, texts: Sequence[str], aggregation: str) -> list[list[Entity]]:
         """Entities per input, as the transformers token-classification pipeline gives them."""
         info = await self.adapter_for(adapter, Task.TOKEN_CLASSIFICATION)
-        if len(texts) > self.settings.max_inputs_per_request:
-            raise InvalidRequest(
-                f"{len(texts)} inputs in one request; the limit is {self.settings.max_inputs_per_request}"
-            )
-        limit = self.settings.max_input_tokens
-        encoded = [
-            self.runner.encode_with_offsets(text, limit, f"input {index}" if len(texts) > 1 else "input")
-            for index, text in enumerate(texts)
-        ]
+        encoded = self._encode_each(texts, self.runner.encode_with_offsets)
         key = self._key(info, Task.TOKEN_CLASSIFICATION)
         scores = await self._submit(key, ClassifyPayload(info, [e.ids for e in encoded]))
         labels = info.labels or []
         return [token_entities(text, e.offsets, e.special, s, labels, aggregation)
                 for text, e, s in zip(texts, encoded, scores)]
+
+    def _encode_each(self, texts: Sequence[str], encode: Callable[[str, int, str], T]) -> list[T]:
+        """Each input encoded within the limits; an error names the input (by its index when there are several)."""
+        if len(texts) > self.settings.max_inputs_per_request:
+            raise InvalidRequest(
+                f"{len(texts)} inputs in one request; the limit is {self.settings.max_inputs_per_request}"
+            )
+        limit = self.settings.max_input_tokens
+        return [encode(text, limit, f"input {index}" if len(texts) > 1 else "input")
+                for index, text in enumerate(texts)]
 
     async def prepare_generation(self, adapter: str | None, params: GenerationParams) -> GeneratePayload:
         """Everything that can refuse a generation request, done before any response starts."""

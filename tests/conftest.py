@@ -161,6 +161,8 @@ def tiny_adapters(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> 
         "adalora-cls": ("adalora", "cls", {"labels": ["p", "q", "r"], "num_labels": 3, "seed": 16}),
         "lora-tok": ("lora", "tok", {"labels": ["O", "B-PER", "I-PER"], "num_labels": 3, "seed": 17}),
         "prompt-tok": ("prompt", "tok", {"labels": ["O", "B-X", "I-X"], "num_labels": 3, "seed": 18}),
+        "prefix-tok": ("prefix", "tok", {"labels": ["O", "B-X", "I-X"], "num_labels": 3, "seed": 19}),
+        "ia3-tok": ("ia3", "tok", {"labels": ["O", "B-X", "I-X"], "num_labels": 3, "seed": 20}),
     }
     for _, _, options in specs.values():
         if options.get("tokenizer_name_or_path") == "__tiny_base__":

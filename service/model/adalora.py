@@ -42,13 +42,7 @@ def read_entries(
         rank = a.shape[0]
         if rank == 0:
             continue  # the budget cut this layer to rank 0: it adds nothing
-        try:
-            module = base.model.get_submodule(module_path)
-        except AttributeError:
-            raise AdapterInvalid(f"{name}: targets module {module_path!r}, which this base does not have") from None
-        layer = getattr(module, "base_layer", module)
-        if not isinstance(layer, torch.nn.Linear):
-            raise AdapterInvalid(f"{name}: AdaLoRA on {module_path!r} ({type(layer).__name__}) is not served")
+        layer = base.linear_layer(module_path, name, "AdaLoRA")
         if a.shape != (rank, layer.in_features) or e.shape != (rank, 1) or b.shape != (layer.out_features, rank):
             raise AdapterInvalid(
                 f"{name}: {module_path} has lora_A {tuple(a.shape)}, lora_E {tuple(e.shape)}, lora_B {tuple(b.shape)}; "

@@ -245,6 +245,13 @@ class LoraHost:
             self._switch_off()
 
 
+def prefix_refusal(name: str, family: str) -> AdapterInvalid:
+    return AdapterInvalid(
+        f"{name}: prefix tuning on a {family} base is not served: PEFT 0.21.2 itself fails on it with transformers 5, "
+        "so there is no reference to match; prompt tuning, P-tuning, LoRA, AdaLoRA and IA3 are served on it"
+    )
+
+
 def check_lora_config(name: str, config: dict) -> None:
     """Refuse LoRA features that cannot share a batch with other adapters, saying what to change."""
     if config.get("use_dora"):
@@ -286,8 +293,7 @@ def load_adapter(info: AdapterInfo, base: BaseModel, lora_host: LoraHost, peft_n
             f"{info.name}: labels.json names {len(info.labels)} labels but the head has {head_outputs(head)} outputs"
         )
     if info.kind is AdapterKind.PREFIX_TUNING and not base.family.serves_prefix_tuning:
-        raise AdapterInvalid(f"{info.name}: prefix tuning on a {base.family.name} base is not served yet; "
-                             "prompt tuning, P-tuning, LoRA, AdaLoRA and IA3 are")
+        raise prefix_refusal(info.name, base.family.name)
     if info.kind is AdapterKind.PREFIX_TUNING:
         prefix = compute_prefix(config_dict, weights, base, info.name)
         return LoadedAdapter(info=info, head=head, prefix=prefix)

@@ -39,13 +39,7 @@ def read_vectors(config: dict, weights: dict[str, torch.Tensor], base: BaseModel
         if match is None:
             raise AdapterInvalid(f"{name}: unexpected tensor {key} in an IA3 adapter")
         module_path = match["module"]
-        try:
-            module = base.model.get_submodule(module_path)
-        except AttributeError:
-            raise AdapterInvalid(f"{name}: targets module {module_path!r}, which this base does not have") from None
-        layer = getattr(module, "base_layer", module)
-        if not isinstance(layer, torch.nn.Linear):
-            raise AdapterInvalid(f"{name}: IA3 on {module_path!r} ({type(layer).__name__}) is not served; only linear")
+        layer = base.linear_layer(module_path, name, "IA3")
         feedforward = is_feedforward(module_path, config.get("feedforward_modules"))
         expected = (1, layer.in_features) if feedforward else (layer.out_features, 1)
         if tuple(tensor.shape) != expected:

