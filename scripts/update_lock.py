@@ -92,16 +92,21 @@ def install(venv: Path, locks: Path) -> None:
                    env={**os.environ, "VIRTUAL_ENV": str(venv), "LOCK_DIR": str(locks)})
 
 
+# Checks that the installed set is the lock under test: true in the scratch venv, false by design while a single
+# package is swapped to find a culprit, so it is left out of those runs.
+LOCKED_SET_TEST = "tests/test_lock.py::test_the_environment_under_test_is_the_locked_one"
+
+
 def pytest(venv: Path, *args: str) -> bool:
-    return subprocess.run([str(venv / "bin/python"), "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
-                          cwd=ROOT).returncode == 0
+    return subprocess.run([str(venv / "bin/python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "--deselect", LOCKED_SET_TEST, *args], cwd=ROOT).returncode == 0
 
 
-def failed_tests(venv: Path, report: Path, *tests: str) -> list[str]:
-    """The tests (all, or those given) that fail in ``venv``."""
+def failed_tests(venv: Path, report: Path, *tests: str, locks: Path = LOCK_DIR) -> list[str]:
+    """The tests (all, or those given) that fail in ``venv``, installed from ``locks``."""
     report.unlink(missing_ok=True)
     subprocess.run([str(venv / "bin/python"), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf",
-                    f"--junitxml={report}", *tests], cwd=ROOT)
+                    f"--junitxml={report}", *tests], cwd=ROOT, env={**os.environ, "LOCK_DIR": str(locks)})
     text = report.read_text() if report.exists() else ""
     failed: list[str] = []
     for case in re.finditer(r'<testcase classname="([^"]+)" name="([^"]+)"[^>]*?(/>|>(.*?)</testcase>)', text, re.S):
@@ -120,7 +125,7 @@ def blame(scratch: Path, changed: dict[str, tuple[str, str]], failed: list[str])
     also_old = set(failed_tests(venv, scratch / "old.xml", *failed))
     if also_old:
         print("these fail on the old lock too (not from the upgrade):", *sorted(also_old), sep="\n  ", flush=True)
-    regressions = [test for test in failed if test not in also_old]
+    regressions = [test for test in failed if test not in also_old and test != LOCKED_SET_TEST]
     if not regressions:
         return []
     culprits: list[str] = []
@@ -158,7 +163,7 @@ def main() -> None:
         venv = scratch / "venv"
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         install(venv, locks)
-        failed = failed_tests(venv, scratch / "report.xml")
+        failed = failed_tests(venv, scratch / "report.xml", locks=locks)
         if not failed:
             if args.tries:
                 print(f"tests pass with {', '.join(args.tries)}; requirements/ unchanged (--try writes nothing)")
