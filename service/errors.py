@@ -27,6 +27,10 @@ class AdapterFailed(ServiceError):
     """An adapter whose forward pass failed at run time; it is quarantined until replaced or deleted."""
 
 
+class ServiceBusy(ServiceError):
+    """The service ran out of a resource (memory) for this batch; retrying later may succeed."""
+
+
 class Internal(ServiceError):
     """An unexpected failure not attributable to the request or to an adapter; logged with its traceback."""
 

@@ -105,34 +105,37 @@ class InferenceService:
 
     async def classify(self, adapter: str | None, texts: Sequence[str]) -> list[Classification]:
         info = await self.adapter_for(adapter, Task.CLASSIFICATION)
-        inputs = self._encode_each(texts, self.runner.encode_text)
+        inputs = self._encode_each(texts, self.runner.encode_text, info)
         key = self._key(info, Task.CLASSIFICATION)
         return await self._submit(key, ClassifyPayload(info, inputs))
 
     async def classify_tokens(self, adapter: str, texts: Sequence[str], aggregation: str) -> list[list[Entity]]:
         """Entities per input, as the transformers token-classification pipeline gives them."""
         info = await self.adapter_for(adapter, Task.TOKEN_CLASSIFICATION)
-        encoded = self._encode_each(texts, self.runner.encode_with_offsets)
+        encoded = self._encode_each(texts, self.runner.encode_with_offsets, info)
         key = self._key(info, Task.TOKEN_CLASSIFICATION)
         scores = await self._submit(key, ClassifyPayload(info, [e.ids for e in encoded]))
         labels = info.labels or []
         return [token_entities(text, e.offsets, e.special, s, labels, aggregation)
                 for text, e, s in zip(texts, encoded, scores)]
 
-    def _encode_each(self, texts: Sequence[str], encode: Callable[[str, int, str], T]) -> list[T]:
+    def _encode_each(self, texts: Sequence[str], encode: Callable[[str, int, str, int], T],
+                     info: AdapterInfo) -> list[T]:
         """Each input encoded within the limits; an error names the input (by its index when there are several)."""
         if len(texts) > self.settings.max_inputs_per_request:
             raise InvalidRequest(
                 f"{len(texts)} inputs in one request; the limit is {self.settings.max_inputs_per_request}"
             )
         limit = self.settings.max_input_tokens
-        return [encode(text, limit, f"input {index}" if len(texts) > 1 else "input")
+        virtual = info.num_virtual_tokens or 0
+        return [encode(text, limit, f"input {index}" if len(texts) > 1 else "input", virtual)
                 for index, text in enumerate(texts)]
 
     async def prepare_generation(self, adapter: str | None, params: GenerationParams) -> GeneratePayload:
         """Everything that can refuse a generation request, done before any response starts."""
         info = await self.adapter_for(adapter, Task.GENERATION)
-        prompt_ids = self.runner.encode_prompt(params, self.settings.max_input_tokens)
+        virtual = 0 if info is None else info.num_virtual_tokens or 0
+        prompt_ids = self.runner.encode_prompt(params, self.settings.max_input_tokens, virtual)
         return GeneratePayload(info, GenerationJob(params, prompt_ids))
 
     async def generate(self, payload: GeneratePayload, on_text: Callable[[str], None] | None = None) -> Generation:

@@ -15,7 +15,7 @@ import torch
 
 from service.batching.batcher import PartialReport
 from service.domain import AdapterInfo, Classification, GenerationParams, Task
-from service.errors import AdapterInvalid, AdapterNotFound, Internal, ServiceError
+from service.errors import AdapterInvalid, AdapterNotFound, Internal, ServiceBusy, ServiceError
 from service.metrics import Metrics
 from service.model.adapters import CONFIG_FILE, WEIGHTS_FILE, LoadedAdapter
 from service.model.buckets import length_buckets
@@ -178,11 +178,14 @@ class BatchWorker:
         """The error for rows whose group failed alone: quarantine their adapter, or a 500 for base rows."""
         if adapter is None:
             return self._internal(error, "batch")
+        if isinstance(error, (torch.OutOfMemoryError, MemoryError)):  # the machine's state, not the adapter's fault
+            logger.error("out of memory serving adapter %s; not quarantined", adapter.info.name, exc_info=error)
+            return ServiceBusy("out of memory for this batch; retry, or send shorter inputs")
         reason = _reason(error)
         logger.error("adapter %s failed in a forward pass and is quarantined: %s", adapter.info.name, reason,
                      exc_info=error)
         self.quarantine.mark(adapter.info, reason)
-        self.resident.drop(adapter.info.name)
+        self.resident.drop(adapter.info.name, only=adapter)  # a newer version already resident stays
         self.metrics.adapter_failures.labels(adapter=self.metrics.adapter_label(adapter.info.name),
                                              stage="forward").inc()
         return adapter_failed(adapter.info.name, reason)
@@ -248,7 +251,8 @@ class BatchWorker:
     ) -> list:
         """Every input of every request in passes of similar lengths; ``run`` scores a pass, ``convert`` turns a
         request's scores into its result."""
-        adapters, failures = self._acquire_each([payload.info for payload in payloads])
+        held = {adapter.info.name for adapter in self.engine.adapters_in_use()}  # running generation rows' adapters
+        adapters, failures = self._acquire_each([payload.info for payload in payloads], held)
         rows = [
             (index, adapter, ids)
             for index, (adapter, payload) in enumerate(zip(adapters, payloads)) if index not in failures
@@ -299,8 +303,13 @@ class BatchWorker:
         adapters, failures = self._acquire_each([payload.info for payload in payloads])
         healthy = [index for index in range(len(payloads)) if index not in failures]
 
+        errors: dict[int, Exception] = {}
+
         def failed(row: int, event: FailedEvent) -> None:
-            failures[healthy[row]] = self._forward_failed(event.adapter, event.error)
+            key = id(event.adapter)
+            if key not in errors:  # quarantined and counted once per adapter
+                errors[key] = self._forward_failed(event.adapter, event.error)
+            failures[healthy[row]] = errors[key]
 
         generations = generate(self.runner, [adapters[i] for i in healthy], [payloads[i].job for i in healthy],
                                on_text=lambda row, text: report(healthy[row], text),

@@ -15,6 +15,7 @@ STATUS: dict[type[errors.ServiceError], int] = {
     errors.AdapterInvalid: 422,
     errors.AdapterFailed: 422,
     errors.Internal: 500,
+    errors.ServiceBusy: 503,
     errors.UploadInvalid: 422,
     errors.UploadTooLarge: 413,
     errors.WrongTask: 422,

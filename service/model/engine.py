@@ -265,6 +265,7 @@ class _Snapshot:
     next: list[int]
     cache_lengths: list[int]
     rows: list[tuple[int, str, int, str | None]]  # per row: tokens generated, text, emitted, finish reason
+    generators: list[torch.Tensor | None]  # seeded rows' sampler states, so a retried step draws the same tokens
 
     @classmethod
     def of(cls, engine: GenerationEngine) -> _Snapshot:
@@ -273,6 +274,7 @@ class _Snapshot:
             mask=engine._mask, positions=engine._positions, next=list(engine._next),
             cache_lengths=[layer.keys.shape[2] for layer in engine._cache.layers],
             rows=[(len(r.generated), r.text, r.emitted, r.finish_reason) for r in engine._rows],
+            generators=[None if r.generator is None else r.generator.get_state() for r in engine._rows],
         )
 
     def restore(self, engine: GenerationEngine) -> None:
@@ -281,9 +283,11 @@ class _Snapshot:
         for layer, length in zip(engine._cache.layers, self.cache_lengths):
             # Views of the same buffers: the next append writes over whatever the failed step left past them.
             layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
-        for row, (generated, text, emitted, finish_reason) in zip(engine._rows, self.rows):
+        for row, (generated, text, emitted, finish_reason), state in zip(engine._rows, self.rows, self.generators):
             del row.generated[generated:]
             row.text, row.emitted, row.finish_reason = text, emitted, finish_reason
+            if state is not None:
+                row.generator.set_state(state)
 
 
 def _by_adapter(adapters: Iterable[LoadedAdapter | None]) -> list[list[int]]:

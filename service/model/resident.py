@@ -76,8 +76,11 @@ class ResidentAdapters:
         self._report()
         return adapter
 
-    def drop(self, name: str) -> None:
-        """Stop serving an adapter; its weights go once no running row uses them (see ``collect``)."""
+    def drop(self, name: str, only: LoadedAdapter | None = None) -> None:
+        """Stop serving an adapter (``only`` that loaded instance, not a newer version of the name); its weights go
+        once no running row uses them (see ``collect``)."""
+        if only is not None and self._loaded.get(name) is not only:
+            return
         adapter = self._loaded.pop(name, None)
         if adapter is not None:
             self._retired.append(adapter)

@@ -148,39 +148,43 @@ class ModelRunner:
 
     # -- tokenization ---------------------------------------------------------------------------------------------
 
-    def encode_text(self, text: str, limit: int, what: str = "input") -> list[int]:
-        limit = min(limit, self.max_positions)
-        ids = self.base.tokenizer(text)["input_ids"]
+    def _check_length(self, ids: list[int], limit: int, what: str, virtual: int) -> None:
+        """Refuse before batching what the model could not take: an adapter's virtual tokens take positions too,
+        and a row the model fails on would be charged to its adapter."""
+        room = self.max_positions - virtual
         if not ids:
             raise InvalidRequest(f"{what} is empty after tokenization")
-        if len(ids) > limit:
-            raise InvalidRequest(f"{what} has {len(ids)} tokens; the limit is {limit}")
+        if len(ids) > min(limit, room):
+            reason = f" ({self.max_positions} positions less the adapter's {virtual} virtual tokens)" if (
+                room < limit and virtual) else ""
+            raise InvalidRequest(f"{what} has {len(ids)} tokens; the limit is {min(limit, room)}{reason}")
+
+    def encode_text(self, text: str, limit: int, what: str = "input", virtual: int = 0) -> list[int]:
+        ids = self.base.tokenizer(text)["input_ids"]
+        self._check_length(ids, limit, what, virtual)
         return ids
 
-    def encode_with_offsets(self, text: str, limit: int, what: str = "input") -> Encoded:
+    def encode_with_offsets(self, text: str, limit: int, what: str = "input", virtual: int = 0) -> Encoded:
         """Token ids with each token's character span and whether it is a special token (token classification)."""
         if not self.base.tokenizer.is_fast:
             raise InvalidRequest("token classification needs a fast tokenizer (character offsets); this base has none")
         encoded = self.base.tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True)
-        ids = encoded["input_ids"]
-        limit = min(limit, self.max_positions)
-        if not ids:
-            raise InvalidRequest(f"{what} is empty after tokenization")
-        if len(ids) > limit:
-            raise InvalidRequest(f"{what} has {len(ids)} tokens; the limit is {limit}")
-        return Encoded(ids, [tuple(o) for o in encoded["offset_mapping"]], encoded["special_tokens_mask"])
+        self._check_length(encoded["input_ids"], limit, what, virtual)
+        return Encoded(encoded["input_ids"], [tuple(o) for o in encoded["offset_mapping"]],
+                       encoded["special_tokens_mask"])
 
-    def encode_prompt(self, params: GenerationParams, limit: int) -> list[int]:
+    def encode_prompt(self, params: GenerationParams, limit: int, virtual: int = 0) -> list[int]:
         text = params.prompt
         if params.chat:
             text = self.base.tokenizer.apply_chat_template(
                 [{"role": "user", "content": params.prompt}], add_generation_prompt=True, tokenize=False
             )
-        ids = self.encode_text(text, limit, "prompt")
-        if len(ids) + params.max_new_tokens > self.max_positions:
+        ids = self.encode_text(text, limit, "prompt", virtual)
+        if virtual + len(ids) + params.max_new_tokens > self.max_positions:
+            virtual_part = f" + the adapter's {virtual} virtual tokens" if virtual else ""
             raise InvalidRequest(
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the base model's "
-                f"{self.max_positions} positions"
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}){virtual_part} exceeds the base "
+                f"model's {self.max_positions} positions"
             )
         return ids
 

@@ -81,3 +81,20 @@ def test_routes_an_encoder_cannot_serve_say_why(client: TestClient, bert: tuple[
     refused = client.post("/v1/adapters", data={"name": "prefix"}, files={"archive": ("a.zip", archive)},
                           headers=ADMIN)
     assert refused.status_code == 422 and "prefix tuning on a bert base" in refused.json()["message"], refused.text
+
+
+def test_virtual_tokens_count_against_the_positions_and_a_long_input_never_quarantines(
+    client: TestClient, bert: tuple[Path, Path]
+) -> None:
+    """128 positions, 4 virtual tokens: an input of 126 tokens fits the base alone but not with the prompt."""
+    base, _ = bert
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    text = " ".join(["word"] * 200)
+    ids = tokenizer(text)["input_ids"]
+    text = tokenizer.decode(ids[:126])
+    assert len(tokenizer(text)["input_ids"]) == 126
+    refused = client.post("/v1/classify", json={"adapter": "sentiment", "inputs": text})
+    assert refused.status_code == 422 and refused.json()["error"] == "InvalidRequest", refused.text
+    assert "4 virtual tokens" in refused.json()["message"]
+    assert client.get("/v1/adapters/sentiment").json()["state"] == "ready"
+    assert client.post("/v1/classify", json={"adapter": "sentiment", "inputs": "fine"}).status_code == 200
