@@ -5,6 +5,7 @@ inside a route into ``anyio.EndOfStream`` and a plain-text 500."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -40,6 +41,10 @@ class ServiceMiddleware:
                 await refusal(scope, receive, send_tracking)
             else:
                 await self.app(scope, receive, send_tracking)
+        except asyncio.CancelledError:
+            if not status["sent"]:
+                status["code"] = 499  # the client left before an answer (nginx's code for it), not a server error
+            raise
         except Exception:
             logger.exception("unexpected error in %s %s", scope.get("method"), scope.get("path"))
             self._metrics(scope).internal_errors.labels(where="route").inc()

@@ -97,6 +97,16 @@ class GatheredLora:
     def add_entries(self, name: str, entries: Sequence[tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]]) -> None:
         """Give an adapter a slot holding, per linear layer, its A [r, in] and its scaled B [out, r]."""
         slot = self._free.pop() if self._free else len(self._slots) + 1
+        try:
+            self._write(slot, entries)
+        except Exception:
+            self._clear(slot)  # nothing half-written may reach the next adapter given this slot
+            self._free.append(slot)
+            raise
+        self._slots[name] = slot
+        self._version += 1
+
+    def _write(self, slot: int, entries: Sequence[tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]]) -> None:
         if slot >= self._capacity:
             self._capacity *= 2
             for stack in self._stacks.values():  # every module must have a row for every slot
@@ -116,16 +126,18 @@ class GatheredLora:
                 stack.b[slot].zero_()
                 stack.a[slot, :r] = a
                 stack.b[slot, :, :r] = b
-        self._slots[name] = slot
-        self._version += 1
+
+    def _clear(self, slot: int) -> None:
+        for stack in self._stacks.values():
+            if slot < stack.a.shape[0]:
+                stack.a[slot].zero_()
+                stack.b[slot].zero_()
 
     def remove(self, name: str) -> None:
         slot = self._slots.pop(name, None)
         if slot is None:
             return
-        for stack in self._stacks.values():
-            stack.a[slot].zero_()
-            stack.b[slot].zero_()
+        self._clear(slot)
         self._free.append(slot)
         self._version += 1
 

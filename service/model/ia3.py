@@ -97,6 +97,15 @@ class IA3Pool:
 
     def add(self, name: str, vectors: Vectors) -> None:
         slot = self._free.pop() if self._free else len(self._slots) + 1
+        try:
+            self._write(slot, vectors)
+        except Exception:
+            self._clear(slot)  # nothing half-written may reach the next adapter given this slot
+            self._free.append(slot)
+            raise
+        self._slots[name] = slot
+
+    def _write(self, slot: int, vectors: Vectors) -> None:
         if slot >= self._capacity:
             self._capacity *= 2
             for stack in self._stacks.values():
@@ -111,14 +120,17 @@ class IA3Pool:
                 self._hooks.append(layer.register_forward_pre_hook(stack.pre_hook) if scales_input
                                    else layer.register_forward_hook(stack.hook))
             stack.scales[slot] = vector
-        self._slots[name] = slot
+
+    def _clear(self, slot: int) -> None:
+        for stack in self._stacks.values():
+            if slot < stack.scales.shape[0]:
+                stack.scales[slot] = 1.0
 
     def remove(self, name: str) -> None:
         slot = self._slots.pop(name, None)
         if slot is None:
             return
-        for stack in self._stacks.values():
-            stack.scales[slot] = 1.0
+        self._clear(slot)
         self._free.append(slot)
 
     @contextmanager

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from service.domain import GenerationParams
+from service.domain import AdapterInfo, AdapterKind, GenerationParams, Task
 from service.model.adapters import LoadedAdapter
 from service.model.engine import DoneEvent, FailedEvent, GenerationEngine, generate
 from service.model.runner import GenerationJob, ModelRunner
@@ -89,3 +89,24 @@ def test_generate_raises_a_row_failure_unless_asked_to_report_it(runner: ModelRu
     results = generate(runner, [adapter, None], jobs, on_failure=lambda row, event: reported.append(row))
     assert reported == [0] and results[0] is None and results[1] is not None
     runner.unload(adapter)
+
+
+def test_a_pool_insert_that_fails_halfway_leaves_nothing_for_the_next_adapter(runner: ModelRunner) -> None:
+    """A bad shape on the second layer must not leave the first layer's delta in the slot the next adapter gets."""
+    layers = [runner.base.model.get_submodule(f"model.layers.{i}.self_attn.q_proj") for i in (0, 1)]
+    width = layers[0].in_features
+    good = (layers[0], torch.ones(2, width), torch.ones(layers[0].out_features, 2))
+    bad = (layers[1], torch.ones(2, width + 1), torch.ones(layers[1].out_features, 2))
+    with pytest.raises(RuntimeError):
+        runner.gathered.add_entries("half", [good, bad])
+    assert "half" not in runner.gathered
+    only_second = (layers[1], torch.zeros(2, width), torch.zeros(layers[1].out_features, 2))
+    runner.gathered.add_entries("next", [only_second])
+    tokenizer = runner.base.tokenizer
+    job = [GenerationJob(GenerationParams(prompt="hello", max_new_tokens=5), tokenizer("hello")["input_ids"])]
+    info = AdapterInfo(name="next", kind=AdapterKind.LORA, task=Task.GENERATION, path="", rank=2,
+                       num_virtual_tokens=None, labels=None, size_bytes=0, sha256="0" * 64,
+                       base_model_name_or_path=None)
+    zero_delta = LoadedAdapter(info=info, peft_name="next")
+    assert generate(runner, [zero_delta], job)[0].text == generate(runner, [None], job)[0].text
+    runner.gathered.remove("next")
