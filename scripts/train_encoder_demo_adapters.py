@@ -52,6 +52,9 @@ from peft import (  # noqa: E402
     get_peft_model,
 )
 from safetensors import safe_open  # noqa: E402
+
+# The decoder demo's script lies beside this one (this folder is on sys.path when run as a script).
+from train_demo_adapters import handwritten_reviews, log, read_report_sections, seed_everything  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
@@ -88,15 +91,6 @@ NER_EXAMPLES = [
 Example = tuple[str, int]  # (text, label index)
 TaggedSentence = tuple[list[str], list[str]]  # (words, BIO tag per word)
 Batch = dict[str, torch.Tensor]
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def encoder_folder() -> Path:
@@ -189,12 +183,6 @@ def sentiment_data(seed: int, n_train: int = 480, n_test: int = 200) -> tuple[li
     test = unique(n_test, lambda: _review(rng, HELD_TEMPLATES, HELD_SUBJECTS, (HELD_NEG_ADJ, HELD_POS_ADJ),
                                           (HELD_NEG_PHRASES, HELD_POS_PHRASES)), {t for t, _ in train})
     return train, test
-
-
-def handwritten_reviews() -> list[Example]:
-    lines = (DATA_DIR / "sentiment_handwritten.jsonl").read_text().splitlines()
-    rows = [json.loads(line) for line in lines if line.strip()]
-    return [(r["text"], SENTIMENT_LABELS.index(r["label"])) for r in rows]
 
 
 # ------------------------------------------------------------------------------------------------ NER data
@@ -668,18 +656,6 @@ ADAPTERS: dict[str, Callable[[EncoderTrainer, str], Result]] = {
     "sentiment-prompt": EncoderTrainer.sentiment_prompt,
     "ner-lora": EncoderTrainer.ner_lora,
 }
-
-
-def read_report_sections(path: Path) -> dict[str, str]:
-    """The per-adapter sections of an earlier report, so that --only replaces just its own."""
-    if not path.is_file():
-        return {}
-    sections = {}
-    for chunk in re.split(r"(?m)^(?=## `)", path.read_text()):
-        match = re.match(r"## `([^`]+)`", chunk)
-        if match:
-            sections[match.group(1)] = chunk
-    return sections
 
 
 def main() -> None:
