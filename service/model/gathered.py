@@ -17,7 +17,7 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora.layer import Linear as LoraLinear
 
-NO_ADAPTER = 0  # slot 0 is all zeros: rows without LoRA, or whose adapter skips a module
+from service.model.slots import Slots
 
 
 class _ModuleStack:
@@ -71,10 +71,8 @@ class GatheredLora:
     """The resident pool of plain LoRA adapters, and the routing of a mixed batch through it."""
 
     def __init__(self) -> None:
-        self._slots: dict[str, int] = {}
-        self._free: list[int] = []
-        self._capacity = 8
-        self._stacks: dict[int, _ModuleStack] = {}  # by id of the LoRA module
+        self._slots = Slots()
+        self._stacks: dict[int, _ModuleStack] = {}  # by id of the base layer
         self._modules: dict[int, torch.nn.Linear] = {}
         self._hooks: list = []
         self._version = 0  # bumped whenever a slot's weights change, so rows gathered earlier are never reused
@@ -96,31 +94,24 @@ class GatheredLora:
 
     def add_entries(self, name: str, entries: Sequence[tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]]) -> None:
         """Give an adapter a slot holding, per linear layer, its A [r, in] and its scaled B [out, r]."""
-        slot = self._free.pop() if self._free else len(self._slots) + 1
-        try:
-            self._write(slot, entries)
-        except Exception:
-            self._clear(slot)  # nothing half-written may reach the next adapter given this slot
-            self._free.append(slot)
-            raise
-        self._slots[name] = slot
+        self._slots.claim(name, self._grow, lambda slot: self._write(slot, entries), self._clear)
         self._version += 1
 
+    def _grow(self, capacity: int) -> None:
+        for stack in self._stacks.values():  # every module must have a row for every slot
+            stack.ensure(capacity, 0)
+
     def _write(self, slot: int, entries: Sequence[tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]]) -> None:
-        if slot >= self._capacity:
-            self._capacity *= 2
-            for stack in self._stacks.values():  # every module must have a row for every slot
-                stack.ensure(self._capacity, 0)
         for layer, a, b in entries:
             # Hooks sit on the frozen base layers (inside PEFT's wrappers), so they stay put when a LoRA host
             # wraps a layer later.
             stack = self._stacks.get(id(layer))
             if stack is None:
-                stack = self._stacks[id(layer)] = _ModuleStack(layer, self._capacity)
+                stack = self._stacks[id(layer)] = _ModuleStack(layer, self._slots.capacity)
                 self._modules[id(layer)] = layer
                 self._hooks.append(layer.register_forward_hook(stack.hook))
             r = a.shape[0]
-            stack.ensure(self._capacity, r)
+            stack.ensure(self._slots.capacity, r)
             with torch.no_grad():
                 stack.a[slot].zero_()
                 stack.b[slot].zero_()
@@ -134,12 +125,8 @@ class GatheredLora:
                 stack.b[slot].zero_()
 
     def remove(self, name: str) -> None:
-        slot = self._slots.pop(name, None)
-        if slot is None:
-            return
-        self._clear(slot)
-        self._free.append(slot)
-        self._version += 1
+        if self._slots.release(name, self._clear) is not None:
+            self._version += 1
 
     def supports(self, names: Sequence[str]) -> bool:
         return all(name in self._slots for name in names)
@@ -155,7 +142,7 @@ class GatheredLora:
             yield
             return
         device = next(iter(self._stacks.values())).a.device
-        slots = [NO_ADAPTER if n is None else self._slots[n] for n in row_names]
+        slots = self._slots.rows(row_names)
         rows = torch.tensor(slots, device=device)
         key = (tuple(slots), self._version) if repeated else None
         for stack in self._stacks.values():

@@ -16,8 +16,8 @@ import torch
 
 from service.errors import AdapterInvalid
 from service.model.loading import BaseModel
+from service.model.slots import Slots
 
-UNSCALED = 0
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.ia3_l(?:\.[^.]+)?$")
 
 
@@ -86,9 +86,7 @@ class IA3Pool:
 
     def __init__(self, base: BaseModel) -> None:
         self._base = base
-        self._slots: dict[str, int] = {}
-        self._free: list[int] = []
-        self._capacity = 8
+        self._slots = Slots()
         self._stacks: dict[tuple[str, bool], _ScaleStack] = {}
         self._hooks: list = []
 
@@ -96,26 +94,19 @@ class IA3Pool:
         return name in self._slots
 
     def add(self, name: str, vectors: Vectors) -> None:
-        slot = self._free.pop() if self._free else len(self._slots) + 1
-        try:
-            self._write(slot, vectors)
-        except Exception:
-            self._clear(slot)  # nothing half-written may reach the next adapter given this slot
-            self._free.append(slot)
-            raise
-        self._slots[name] = slot
+        self._slots.claim(name, self._grow, lambda slot: self._write(slot, vectors), self._clear)
+
+    def _grow(self, capacity: int) -> None:
+        for stack in self._stacks.values():
+            stack.grow(capacity)
 
     def _write(self, slot: int, vectors: Vectors) -> None:
-        if slot >= self._capacity:
-            self._capacity *= 2
-            for stack in self._stacks.values():
-                stack.grow(self._capacity)
         for module_path, (vector, scales_input) in vectors.items():
             stack = self._stacks.get((module_path, scales_input))
             if stack is None:
                 module = self._base.model.get_submodule(module_path)
                 layer = getattr(module, "base_layer", module)  # stable when a LoRA host wraps the module later
-                stack = _ScaleStack(vector.shape[0], self._capacity, vector, scales_input)
+                stack = _ScaleStack(vector.shape[0], self._slots.capacity, vector, scales_input)
                 self._stacks[(module_path, scales_input)] = stack
                 self._hooks.append(layer.register_forward_pre_hook(stack.pre_hook) if scales_input
                                    else layer.register_forward_hook(stack.hook))
@@ -127,11 +118,7 @@ class IA3Pool:
                 stack.scales[slot] = 1.0
 
     def remove(self, name: str) -> None:
-        slot = self._slots.pop(name, None)
-        if slot is None:
-            return
-        self._clear(slot)
-        self._free.append(slot)
+        self._slots.release(name, self._clear)
 
     @contextmanager
     def route(self, row_names: Sequence[str | None]) -> Iterator[None]:
@@ -140,7 +127,7 @@ class IA3Pool:
             yield
             return
         device = next(iter(self._stacks.values())).scales.device
-        rows = torch.tensor([UNSCALED if n is None else self._slots[n] for n in row_names], device=device)
+        rows = torch.tensor(self._slots.rows(row_names), device=device)
         for stack in self._stacks.values():
             stack.rows = rows
         try:
