@@ -17,7 +17,6 @@ class Family:
     name: str = "family"
     can_generate: bool = False
     pads_left: bool = True  # decoders left-pad (every row's last token at -1); encoders right-pad
-    head_modules: tuple[str, ...] = ()  # where a task head lives in the model a user trained (score, classifier)
     backbone_prefix: str = ""  # the backbone's attribute in task models (bert., roberta.), absent from the base here
     serves_prefix_tuning: bool = True
 

@@ -15,7 +15,6 @@ class DecoderFamily(Family):
     name = "decoder"
     can_generate = True
     pads_left = True
-    head_modules = ("score",)
     serves_prefix_tuning = True
 
     def load(self, source: str, dtype: torch.dtype) -> PreTrainedModel:

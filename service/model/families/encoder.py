@@ -19,7 +19,6 @@ from service.model.families.base import Family
 class _Encoder(Family):
     can_generate = False
     pads_left = False
-    head_modules = ("classifier",)
     serves_prefix_tuning = False
 
     def backbone(self, model: PreTrainedModel) -> torch.nn.Module:
