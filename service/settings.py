@@ -54,7 +54,20 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Keys for inference and listing routes (Bearer). Empty: those routes are open.",
     )
-    max_batch_size: int = Field(default=32, ge=1, le=1024, description="Requests (rows) per model batch.")
+    max_batch_size: int = Field(default=64, ge=1, le=1024, description="Requests (rows) per model batch.")
+    forward: Literal["auto", "owned", "transformers"] = Field(
+        default="auto",
+        description="Generation forward: 'owned' (the service's own Llama-family code and slot KV cache), "
+        "'transformers' (the library's forward, every architecture), 'auto' (owned where the architecture has it).",
+    )
+    kv_cache_bytes: int = Field(
+        default=2 * 1024**3, ge=1024**2,
+        description="Owned forward: bytes of keys/values for all running rows; a request waits until it fits.",
+    )
+    max_batch_tokens: int = Field(
+        default=256, ge=1,
+        description="Owned forward: tokens in one step (a token per running row, then prompt chunks).",
+    )
     max_wait_ms: float = Field(
         default=5.0, ge=0.0, le=10_000.0, description="How long the batcher waits to fill a batch."
     )

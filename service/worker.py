@@ -15,11 +15,12 @@ import torch
 
 from service.batching.batcher import PartialReport
 from service.domain import AdapterInfo, Classification, GenerationParams, Task
-from service.errors import AdapterInvalid, AdapterNotFound, Internal, ServiceBusy, ServiceError
+from service.errors import AdapterInvalid, AdapterNotFound, Internal, InvalidRequest, ServiceBusy, ServiceError
 from service.metrics import Metrics
 from service.model.adapters import CONFIG_FILE, WEIGHTS_FILE, LoadedAdapter
 from service.model.buckets import length_buckets
-from service.model.engine import DoneEvent, FailedEvent, GenerationEngine, TokenEvent, generate
+from service.model.events import DoneEvent, FailedEvent, TokenEvent
+from service.model.generation import Engines, generate
 from service.model.resident import ResidentAdapters
 from service.model.runner import GenerationJob, ModelRunner
 from service.quarantine import Quarantine, adapter_failed
@@ -76,7 +77,7 @@ class BatchWorker:
             refresh=store.get,
             observe=self._record_resident,
         )
-        self.engine = GenerationEngine(runner)
+        self.engine = Engines(runner)
 
     def _record_resident(self, event: str, value: float) -> None:
         metrics = self.metrics
@@ -112,6 +113,12 @@ class BatchWorker:
         held = {adapter.info.name for adapter in self.engine.adapters_in_use()}
         adapters, failures = self._acquire_each([payload.info for _, payload in admitted], held)
         events: list[StepEvent] = [(admitted[index][0], "error", error) for index, error in failures.items()]
+        for index, ((handle, payload), adapter) in enumerate(zip(admitted, adapters)):
+            if index not in failures and not self.engine.fits(adapter, payload.job):
+                failures[index] = InvalidRequest(
+                    "this request may grow to more tokens (prompt, the adapter's virtual tokens and max_new_tokens) "
+                    "than the KV cache holds; lower max_new_tokens or the prompt, or raise SERVICE_KV_CACHE_BYTES")
+                events.append((handle, "error", failures[index]))
         ready = [
             (handle, adapter, payload.job)
             for index, ((handle, payload), adapter) in enumerate(zip(admitted, adapters)) if index not in failures

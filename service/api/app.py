@@ -22,9 +22,18 @@ from service.model.loading import load_base_model
 from service.model.runner import ModelRunner
 from service.model.validation import BaseShapes
 from service.settings import Settings
+from service.model.owned.slot_cache import CacheLimits
 from service.store.store import AdapterStore
 
 logger = logging.getLogger(__name__)
+
+
+def cache_limits(settings: Settings) -> CacheLimits:
+    return CacheLimits(
+        slots=settings.max_batch_size, cache_bytes=settings.kv_cache_bytes,
+        row_tokens=settings.max_input_tokens + settings.max_virtual_tokens + settings.max_new_tokens_limit,
+        max_batch_tokens=settings.max_batch_tokens,
+    )
 
 
 async def _boot(state: AppState) -> None:
@@ -35,7 +44,7 @@ async def _boot(state: AppState) -> None:
         base = await loop.run_in_executor(state.executor, load_base_model, settings)
         store = AdapterStore(settings.adapters_dir, base.names_base if settings.check_adapter_base else None)
         store.sweep()
-        runner = ModelRunner(base, settings.lora_kernel)
+        runner = ModelRunner(base, settings.lora_kernel, settings.forward, cache_limits(settings))
         state.shapes = BaseShapes(base)
         service = InferenceService(settings, store, runner, state.executor, state.metrics)
         await service.start()

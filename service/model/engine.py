@@ -11,57 +11,18 @@ the rows whose own group fails get a ``FailedEvent`` naming their adapter, every
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Hashable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from service.domain import Generation
 from service.model.adapters import LoadedAdapter
 from service.model.buckets import length_buckets
+from service.model.events import Admission, Event, FailedEvent, RowState as _Sequence, new_generator, token_events
 from service.model.kv_cache import KVCache, stack_right_aligned
-from service.model.runner import GenerationJob, ModelRunner
+from service.model.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """New text for a streaming client (held back while it could still become a stop string)."""
-
-    handle: Hashable
-    text: str
-
-
-@dataclass(frozen=True)
-class DoneEvent:
-    handle: Hashable
-    generation: Generation
-
-
-@dataclass(frozen=True)
-class FailedEvent:
-    """A row whose own adapter's rows fail a step even alone (adapter None: the base rows did)."""
-
-    handle: Hashable
-    adapter: LoadedAdapter | None
-    error: Exception
-
-
-Event = TokenEvent | DoneEvent | FailedEvent
-Admission = tuple[Hashable, LoadedAdapter | None, GenerationJob]
-
-
-@dataclass
-class _Sequence:
-    handle: Hashable
-    adapter: LoadedAdapter | None
-    job: GenerationJob
-    generator: torch.Generator | None
-    generated: list[int] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0
-    finish_reason: str | None = None
 
 
 class GenerationEngine:
@@ -190,7 +151,7 @@ class GenerationEngine:
     def _admit(self, admitted: Sequence[Admission], events: list[Event]) -> None:
         runner = self._runner
         rows = [
-            _Sequence(handle=handle, adapter=adapter, job=job, generator=_generator(job.params.seed, runner))
+            _Sequence(handle=handle, adapter=adapter, job=job, generator=new_generator(job.params.seed, runner.base.device))
             for handle, adapter, job in admitted
         ]
         adapters = [row.adapter for row in rows]
@@ -219,24 +180,7 @@ class GenerationEngine:
         tokens = runner.sample(logits.float(), [(row.job.params, row.generator) for row in rows])
         for row, token in zip(rows, tokens):
             row.finish_reason = runner.advance(row, token)
-            self._next_token_events(row, events)
-
-    def _next_token_events(self, row: _Sequence, events: list[Event]) -> None:
-        if row.finish_reason is not None:
-            if len(row.text) > row.emitted:
-                events.append(TokenEvent(row.handle, row.text[row.emitted:]))
-            events.append(DoneEvent(row.handle, Generation(
-                text=row.text, generated_tokens=len(row.generated), prompt_tokens=len(row.job.prompt_ids),
-                finish_reason=row.finish_reason,
-            )))
-            return
-        # Text that could still turn out to begin a stop string is held back until it cannot.
-        holdback = max((len(stop) - 1 for stop in row.job.params.stop), default=0)
-        # A trailing replacement character is an incomplete multi-byte token; wait for the rest of it.
-        safe = len(row.text.rstrip("\ufffd")) - holdback
-        if safe > row.emitted:
-            events.append(TokenEvent(row.handle, row.text[row.emitted:safe]))
-            row.emitted = safe
+            token_events(row, events)
 
     def _select(self, keep: list[int]) -> None:
         if not keep:
@@ -264,7 +208,7 @@ class _Snapshot:
     positions: torch.Tensor
     next: list[int]
     cache_lengths: list[int]
-    rows: list[tuple[int, str, int, str | None]]  # per row: tokens generated, text, emitted, finish reason
+    rows: list[tuple[int, str, int, str | None, int, int]]  # per row: tokens, text, emitted, finish, offsets
     generators: list[torch.Tensor | None]  # seeded rows' sampler states, so a retried step draws the same tokens
 
     @classmethod
@@ -273,7 +217,8 @@ class _Snapshot:
         return cls(
             mask=engine._mask, positions=engine._positions, next=list(engine._next),
             cache_lengths=[layer.keys.shape[2] for layer in engine._cache.layers],
-            rows=[(len(r.generated), r.text, r.emitted, r.finish_reason) for r in engine._rows],
+            rows=[(len(r.generated), r.text, r.emitted, r.finish_reason, r.prefix_offset, r.read_offset)
+                  for r in engine._rows],
             generators=[None if r.generator is None else r.generator.get_state() for r in engine._rows],
         )
 
@@ -283,9 +228,11 @@ class _Snapshot:
         for layer, length in zip(engine._cache.layers, self.cache_lengths):
             # Views of the same buffers: the next append writes over whatever the failed step left past them.
             layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
-        for row, (generated, text, emitted, finish_reason), state in zip(engine._rows, self.rows, self.generators):
+        for row, (generated, text, emitted, finish_reason, prefix_offset, read_offset), state in zip(
+                engine._rows, self.rows, self.generators):
             del row.generated[generated:]
             row.text, row.emitted, row.finish_reason = text, emitted, finish_reason
+            row.prefix_offset, row.read_offset = prefix_offset, read_offset
             if state is not None:
                 row.generator.set_state(state)
 
@@ -308,40 +255,3 @@ def _merge(
         return torch.nn.functional.pad(mask, (width - mask.shape[1], 0))
 
     return stack_right_aligned([cache_a.entries(), cache_b.entries()], width), torch.cat([pad(mask_a), pad(mask_b)])
-
-
-def _generator(seed: int | None, runner: ModelRunner) -> torch.Generator | None:
-    if seed is None:
-        return None
-    generator = torch.Generator(device=runner.base.device)
-    generator.manual_seed(seed)
-    return generator
-
-
-def generate(
-    runner: ModelRunner,
-    adapters: Sequence[LoadedAdapter | None],
-    jobs: Sequence[GenerationJob],
-    on_text: Callable[[int, str], None] | None = None,
-    on_failure: Callable[[int, FailedEvent], None] | None = None,
-) -> list[Generation | None]:
-    """Run jobs to completion as one batch (rows admitted together, leaving as they finish); ``on_text`` gets
-    (job index, new text) as it is generated. A row that fails goes to ``on_failure`` (its place in the result is
-    then None); without it, the first failure is raised."""
-    engine = GenerationEngine(runner)
-    done: dict[Hashable, Generation] = {}
-    events = engine.step(list(zip(range(len(jobs)), adapters, jobs)))
-    while True:
-        for event in events:
-            if isinstance(event, DoneEvent):
-                done[event.handle] = event.generation
-            elif isinstance(event, FailedEvent):
-                if on_failure is None:
-                    raise event.error
-                on_failure(event.handle, event)
-            elif on_text is not None:
-                on_text(event.handle, event.text)
-        if not engine.active:
-            break
-        events = engine.step()
-    return [done.get(index) for index in range(len(jobs))]

@@ -47,14 +47,23 @@ class _ModuleStack:
     def hook(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         if self.rows is None:
             return output
+        return output + self.rows_delta(inputs[0]).to(output.dtype)
+
+    def rows_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """Each routed row's delta: x [rows, tokens, in], or [rows, in] for one token per row."""
+        assert self.rows is not None
         if self.gathered is None:
             self.gathered = (self.a.index_select(0, self.rows).transpose(1, 2),
                              self.b.index_select(0, self.rows).transpose(1, 2))
         a_rows, b_rows = self.gathered
-        x = inputs[0].to(self.a.dtype)
-        flat = x.dim() == 2  # [rows, features]: a head applied to each row's last position only
+        x = x.to(self.a.dtype)
+        flat = x.dim() == 2
         delta = torch.bmm(torch.bmm(x.unsqueeze(1) if flat else x, a_rows), b_rows)
-        return output + (delta.squeeze(1) if flat else delta).to(output.dtype)
+        return delta.squeeze(1) if flat else delta
+
+    def slot_delta(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        """One adapter's delta for x [tokens, in] (a prompt chunk of one row)."""
+        return (x.to(self.a.dtype) @ self.a[slot].T) @ self.b[slot].T
 
     def begin(self, rows: torch.Tensor, key: Hashable | None) -> None:
         if key is None or key != self.gathered_for:
@@ -76,6 +85,7 @@ class GatheredLora:
         self._modules: dict[int, torch.nn.Linear] = {}
         self._hooks: list = []
         self._version = 0  # bumped whenever a slot's weights change, so rows gathered earlier are never reused
+        self._layers_of: dict[str, set[int]] = {}  # adapter -> ids of the base layers it adapts
 
     def __contains__(self, name: str) -> bool:
         return name in self._slots
@@ -95,6 +105,7 @@ class GatheredLora:
     def add_entries(self, name: str, entries: Sequence[tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]]) -> None:
         """Give an adapter a slot holding, per linear layer, its A [r, in] and its scaled B [out, r]."""
         self._slots.claim(name, self._grow, lambda slot: self._write(slot, entries), self._clear)
+        self._layers_of[name] = {id(layer) for layer, _, _ in entries}
         self._version += 1
 
     def _grow(self, capacity: int) -> None:
@@ -125,8 +136,23 @@ class GatheredLora:
                 stack.b[slot].zero_()
 
     def remove(self, name: str) -> None:
+        self._layers_of.pop(name, None)
         if self._slots.release(name, self._clear) is not None:
             self._version += 1
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def layers_of(self, name: str) -> set[int]:
+        """Ids of the base layers an adapter in the pool adapts."""
+        return self._layers_of.get(name, set())
+
+    def stack(self, layer: torch.nn.Module) -> _ModuleStack | None:
+        return self._stacks.get(id(layer))
+
+    def slots(self, names: Sequence[str | None]) -> list[int]:
+        return self._slots.rows(names)
 
     def supports(self, names: Sequence[str]) -> bool:
         return all(name in self._slots for name in names)

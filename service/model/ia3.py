@@ -89,12 +89,14 @@ class IA3Pool:
         self._slots = Slots()
         self._stacks: dict[tuple[str, bool], _ScaleStack] = {}
         self._hooks: list = []
+        self._paths_of: dict[str, set[str]] = {}  # adapter -> module paths it scales
 
     def __contains__(self, name: str) -> bool:
         return name in self._slots
 
     def add(self, name: str, vectors: Vectors) -> None:
         self._slots.claim(name, self._grow, lambda slot: self._write(slot, vectors), self._clear)
+        self._paths_of[name] = set(vectors)
 
     def _grow(self, capacity: int) -> None:
         for stack in self._stacks.values():
@@ -118,7 +120,22 @@ class IA3Pool:
                 stack.scales[slot] = 1.0
 
     def remove(self, name: str) -> None:
+        self._paths_of.pop(name, None)
         self._slots.release(name, self._clear)
+
+    def paths_of(self, name: str) -> set[str]:
+        return self._paths_of.get(name, set())
+
+    def scales(self, module_path: str) -> tuple[torch.Tensor, bool] | None:
+        """The [slots, features] vectors of a module (and whether they scale its input), if any adapter has one."""
+        for scales_input in (False, True):
+            stack = self._stacks.get((module_path, scales_input))
+            if stack is not None:
+                return stack.scales, scales_input
+        return None
+
+    def slots(self, names: Sequence[str | None]) -> list[int]:
+        return self._slots.rows(names)
 
     @contextmanager
     def route(self, row_names: Sequence[str | None]) -> Iterator[None]:

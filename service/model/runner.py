@@ -22,6 +22,8 @@ from service.model.gathered import GatheredLora
 from service.model.ia3 import IA3Pool
 from service.model.kv_cache import KVCache, stack_right_aligned
 from service.model.loading import BaseModel
+from service.model.owned.model import OwnedModel, build_owned
+from service.model.owned.slot_cache import CacheLimits
 from service.model.prompt_tuning import virtual_ids, virtual_index
 
 
@@ -54,12 +56,15 @@ class DecodingRow(Protocol):
     job: GenerationJob
     generated: list[int]
     text: str
+    prefix_offset: int  # incremental detokenization: tokens decoded as context only
+    read_offset: int  # tokens whose text is already in ``text``
 
 
 class ModelRunner:
     """Owns the base model, the LoRA host and the resident adapters' tensors; runs batches."""
 
-    def __init__(self, base: BaseModel, lora_kernel: str = "gathered") -> None:
+    def __init__(self, base: BaseModel, lora_kernel: str = "gathered", forward: str = "auto",
+                 limits: CacheLimits = CacheLimits()) -> None:
         self.base = base
         self.lora_host = LoraHost(base)
         self.lora_kernel = lora_kernel  # "gathered" (stacked weights) or "peft" (PEFT's adapter_names loop)
@@ -72,6 +77,13 @@ class ModelRunner:
         self.pad_token_id: int = base.tokenizer.pad_token_id
         self._cache_keyword = cache_keyword(base.model.base_model)
         self._routed: Sequence[LoadedAdapter | None] = ()  # the rows' adapters, within ``lora_routing``
+        # The owned forward for generation where the architecture has one ("transformers": never).
+        self.owned: OwnedModel | None = None
+        if forward != "transformers":
+            self.owned = build_owned(base, self.gathered, self.ia3, limits, self.max_positions)
+            if forward == "owned" and self.owned is None:
+                raise ValueError(f"SERVICE_FORWARD=owned, but this base ({base.model.config.model_type}) has no "
+                                 "owned forward; use auto or transformers")
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -305,39 +317,65 @@ class ModelRunner:
     def sample(
         self, logits: torch.Tensor, rows: Sequence[tuple[GenerationParams, torch.Generator | None]]
     ) -> list[int]:
-        """One token per row: greedy at temperature 0, else temperature and nucleus (top_p) sampling."""
-        greedy = logits.argmax(dim=-1).tolist()
-        tokens: list[int] = []
-        for index, (params, generator) in enumerate(rows):
-            if params.temperature <= 0.0:
-                tokens.append(greedy[index])
-                continue
-            probs = torch.softmax(logits[index] / params.temperature, dim=-1)
-            if params.top_p < 1.0:
-                sorted_probs, order = probs.sort(descending=True)
+        """One token per row: greedy at temperature 0, else temperature and nucleus (top_p) sampling.
+
+        Sampled rows are done together: one softmax, one sort for top-p, and the exponential race (argmax of p/E,
+        E ~ Exp(1), which draws from p) with each seeded row's noise from its own generator, so a seed gives the
+        same tokens whatever else shares the batch.
+        """
+        tokens = logits.argmax(dim=-1)
+        sampled = [index for index, (params, _) in enumerate(rows) if params.temperature > 0.0]
+        if sampled:
+            index = torch.tensor(sampled, device=logits.device)
+            temperature = torch.tensor([rows[i][0].temperature for i in sampled], device=logits.device)
+            probs = torch.softmax(logits[index] / temperature[:, None], dim=-1)
+            top_p = torch.tensor([rows[i][0].top_p for i in sampled], device=logits.device)
+            if bool((top_p < 1.0).any()):
+                sorted_probs, order = probs.sort(dim=-1, descending=True)
                 # Keep the smallest head of the distribution whose mass reaches top_p (always the top token).
-                outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p
-                sorted_probs[outside] = 0.0
-                probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-            tokens.append(int(torch.multinomial(probs, 1, generator=generator)))
-        return tokens
+                outside = sorted_probs.cumsum(-1) - sorted_probs > top_p[:, None]
+                probs = probs.scatter(1, order, sorted_probs.masked_fill(outside, 0.0))
+            noise = torch.empty_like(probs).exponential_()
+            for position, row in enumerate(sampled):
+                generator = rows[row][1]
+                if generator is not None:
+                    noise[position].exponential_(generator=generator)
+            tokens[index] = (probs / noise).argmax(dim=-1)
+        return tokens.tolist()
 
     def advance(self, row: DecodingRow, token: int) -> str | None:
-        """Append a sampled token to a row; the finish reason once the row is done, else None."""
+        """Append a sampled token to a row; the finish reason once the row is done, else None.
+
+        Text is decoded incrementally (only the newest tokens, with a little look-back so merges across token
+        boundaries come out right), and stop strings are looked for only where the new text could complete one.
+        """
         params = row.job.params
         if row.job.cancelled.is_set():
             return "cancelled"
         row.generated.append(token)
         if token in self.eos_token_ids:
             return "eos"
-        text = self.base.tokenizer.decode(row.generated, skip_special_tokens=True)
-        cut = min((text.find(stop) for stop in params.stop if stop and stop in text), default=-1)
-        if cut >= 0:
-            row.text = text[:cut]
-            return "stop"
-        row.text = text
+        before = len(row.text)
+        row.text += self._new_text(row, final=len(row.generated) >= params.max_new_tokens)
+        longest = max((len(stop) for stop in params.stop if stop), default=0)
+        if longest:
+            window = max(0, before - longest + 1)
+            cuts = [cut for cut in (row.text.find(stop, window) for stop in params.stop if stop) if cut >= 0]
+            if cuts:
+                row.text = row.text[:min(cuts)]
+                return "stop"
         if len(row.generated) >= params.max_new_tokens:
             return "length"
         return None
 
-
+    def _new_text(self, row: DecodingRow, final: bool) -> str:
+        """Text of the row's tokens past ``read_offset``, once it is whole (no dangling multi-byte piece), as
+        vLLM and TGI detokenize: decode from ``prefix_offset`` and drop what those earlier tokens alone give."""
+        tokenizer = self.base.tokenizer
+        ids = row.generated
+        prefix = tokenizer.decode(ids[row.prefix_offset:row.read_offset], skip_special_tokens=True)
+        full = tokenizer.decode(ids[row.prefix_offset:], skip_special_tokens=True)
+        if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
+            row.prefix_offset, row.read_offset = row.read_offset, len(ids)
+            return full[len(prefix):]
+        return ""

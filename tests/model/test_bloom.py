@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from service.domain import GenerationParams
-from service.model.engine import generate
+from service.model.generation import generate
 from service.model.loading import load_base_model
 from service.model.runner import GenerationJob, ModelRunner
 from service.model.validation import BaseShapes, check_adapter

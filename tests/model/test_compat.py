@@ -8,7 +8,7 @@ import torch
 
 from service.domain import GenerationParams
 from service.model.compat import cache_keyword
-from service.model.engine import generate
+from service.model.generation import generate
 from service.model.runner import GenerationJob, ModelRunner
 from service.store.store import AdapterStore
 

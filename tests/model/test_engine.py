@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from service.domain import GenerationParams
-from service.model.engine import DoneEvent, GenerationEngine, TokenEvent, generate
+from service.model.engine import GenerationEngine
+from service.model.events import DoneEvent, TokenEvent
+from service.model.generation import generate
 from service.model.runner import GenerationJob, ModelRunner
 from service.store.store import AdapterStore
 

@@ -10,7 +10,9 @@ import torch
 
 from service.domain import AdapterInfo, AdapterKind, GenerationParams, Task
 from service.model.adapters import LoadedAdapter
-from service.model.engine import DoneEvent, FailedEvent, GenerationEngine, generate
+from service.model.engine import GenerationEngine
+from service.model.events import DoneEvent, FailedEvent
+from service.model.generation import generate
 from service.model.runner import GenerationJob, ModelRunner
 from service.store.store import AdapterStore
 

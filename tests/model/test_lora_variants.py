@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from service.domain import GenerationParams
 from service.errors import AdapterInvalid
 from service.model.adapters import check_lora_weights
-from service.model.engine import generate
+from service.model.generation import generate
 from service.model.runner import GenerationJob, ModelRunner
 from service.model.validation import BaseShapes, check_adapter
 from service.store.store import AdapterStore

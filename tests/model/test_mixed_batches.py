@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from service.domain import GenerationParams
 from service.model.adapters import LoadedAdapter
-from service.model.engine import generate
+from service.model.generation import generate
 from service.model.runner import GenerationJob, ModelRunner
 from service.store.store import AdapterStore
 

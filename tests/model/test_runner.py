@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from service.domain import GenerationParams
-from service.model.engine import generate
+from service.model.generation import generate
 from service.model.runner import GenerationJob, ModelRunner
 
 

@@ -1,0 +1,250 @@
+"""Continuous batching on the owned forward: slots, admission by cache space, chunked prefill inside decode steps.
+
+Every step is one forward pass over a flat batch: one token for each running row, then chunks of prompts being
+prefilled, as many prompt tokens as the step's token budget leaves (``max_batch_tokens``), so a long prompt is
+spread over several steps and never stalls the rows that are streaming. A request joins when the cache can hold
+all it may grow to (its slot is claimed, a prefix adapter's keys/values written into it once); until then it
+waits, in arrival order. Rows leave by releasing their slot; no other row's cache moves.
+
+A step that fails writes nothing that counts (a row's length only grows after its step succeeds), so it is simply
+run again one adapter's rows at a time: rows whose own group fails get a ``FailedEvent`` and leave, the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from service.model.adapters import LoadedAdapter
+from service.model.events import Admission, DoneEvent, Event, FailedEvent, RowState, new_generator, token_events
+from service.model.owned.llama import Chunk, StepBatch
+from service.model.owned.model import OwnedModel
+from service.model.prompt_tuning import virtual_ids, virtual_index
+from service.model.runner import GenerationJob, ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Row(RowState):
+    slot: int = -1
+    inputs: list[int] | None = None  # the prompt as fed: virtual-token placeholders, then its ids
+    fed: int = 0  # prompt inputs already in the cache
+    start: int = 0  # cache position of the first input (after a prefix adapter's entries)
+
+    @property
+    def prefilling(self) -> bool:
+        assert self.inputs is not None
+        return self.fed < len(self.inputs)
+
+    @property
+    def next_position(self) -> int:
+        """The position of the row's next decode input (its newest generated token)."""
+        assert self.inputs is not None
+        return self.start + len(self.inputs) + len(self.generated) - 1
+
+
+def row_tokens(adapter: LoadedAdapter | None, job: GenerationJob) -> int:
+    """Cache entries a request may need: prefix, virtual tokens, prompt and every new token."""
+    virtual = 0 if adapter is None else adapter.num_virtual_tokens + adapter.prompt_length
+    return virtual + len(job.prompt_ids) + job.params.max_new_tokens
+
+
+class OwnedEngine:
+    def __init__(self, runner: ModelRunner, owned: OwnedModel) -> None:
+        self._runner = runner
+        self._owned = owned
+        self._rows: list[_Row] = []  # in admission order
+        self._waiting: list[_Row] = []  # admitted by the batcher, not yet given a slot
+
+    @property
+    def active(self) -> int:
+        return len(self._rows) + len(self._waiting)
+
+    def adapters_in_use(self) -> list[LoadedAdapter]:
+        return [row.adapter for row in self._rows + self._waiting if row.adapter is not None]
+
+    def fits(self, adapter: LoadedAdapter | None, job: GenerationJob) -> bool:
+        return self._owned.cache.fits_ever(row_tokens(adapter, job))
+
+    def abort(self) -> list:
+        handles = [row.handle for row in self._rows + self._waiting]
+        for row in self._rows:
+            self._owned.cache.release(row.slot)
+        self._rows, self._waiting = [], []
+        return handles
+
+    def step(self, admitted: Sequence[Admission] = ()) -> list[Event]:
+        events: list[Event] = []
+        device = self._runner.base.device
+        self._waiting += [
+            _Row(handle=handle, adapter=adapter, job=job, generator=new_generator(job.params.seed, device))
+            for handle, adapter, job in admitted
+        ]
+        self._drop_cancelled(events)
+        self._claim_slots(events)
+        if self._rows:
+            with torch.inference_mode():
+                self._run_isolating(self._plan(), events)
+        return events
+
+    # -- scheduling -----------------------------------------------------------------------------------------------
+
+    def _drop_cancelled(self, events: list[Event]) -> None:
+        for rows in (self._rows, self._waiting):
+            for row in [row for row in rows if row.job.cancelled.is_set()]:
+                row.finish_reason = "cancelled"
+                token_events(row, events)
+                self._leave(row)
+
+    def _claim_slots(self, events: list[Event]) -> None:
+        """Give waiting rows a slot, in arrival order, while the cache has room (the first that does not fit
+        waits, and so do those behind it)."""
+        cache = self._owned.cache
+        while self._waiting:
+            row = self._waiting[0]
+            slot = cache.claim(row_tokens(row.adapter, row.job))
+            if slot is None:
+                return
+            self._waiting.pop(0)
+            adapter = row.adapter
+            row.slot = slot
+            row.inputs = list(row.job.prompt_ids)
+            if adapter is not None and adapter.virtual_tokens is not None:
+                row.inputs = virtual_ids(adapter.prompt_length) + row.inputs
+            self._rows.append(row)
+            if adapter is not None and adapter.prefix is not None:
+                try:
+                    cache.write_prefix(slot, adapter.prefix)
+                except Exception as error:  # a prefix that does not fit this base's cache: its rows fail alone
+                    self._fail([row], error, events)
+                    continue
+                row.start = adapter.num_virtual_tokens
+
+    def _plan(self) -> tuple[list[_Row], list[tuple[_Row, int]]]:
+        """The step's decode rows (by slot) and prompt chunks (row, tokens) within the token budget."""
+        decode = sorted((row for row in self._rows if not row.prefilling), key=lambda row: row.slot)
+        budget = self._owned.max_batch_tokens - len(decode)
+        chunks: list[tuple[_Row, int]] = []
+        for row in self._rows:
+            if not row.prefilling:
+                continue
+            if budget <= 0 and (decode or chunks):
+                break
+            assert row.inputs is not None
+            count = min(len(row.inputs) - row.fed, max(budget, 1))
+            chunks.append((row, count))
+            budget -= count
+        return decode, chunks
+
+    # -- fault isolation ------------------------------------------------------------------------------------------
+
+    def _run_isolating(self, plan: tuple[list[_Row], list[tuple[_Row, int]]], events: list[Event]) -> None:
+        try:
+            self._run(plan, events)
+            return
+        except Exception as error:
+            decode, chunks = plan
+            groups: dict[int, tuple[list[_Row], list[tuple[_Row, int]]]] = {}
+            for row in decode:
+                groups.setdefault(id(row.adapter), ([], []))[0].append(row)
+            for row, count in chunks:
+                groups.setdefault(id(row.adapter), ([], []))[1].append((row, count))
+            logger.warning("step of %d rows failed (%r); retrying %d adapter groups apart",
+                           len(decode) + len(chunks), error, len(groups))
+            if len(groups) == 1:
+                self._fail(decode + [row for row, _ in chunks], error, events)
+                return
+        for group in groups.values():
+            try:
+                self._run(group, events)
+            except Exception as group_error:
+                self._fail(group[0] + [row for row, _ in group[1]], group_error, events)
+
+    def _fail(self, rows: list[_Row], error: Exception, events: list[Event]) -> None:
+        for row in rows:
+            if row.slot >= 0 and row.inputs is not None:  # what its failed step may have left half-written
+                self._owned.cache.forget_written(row.slot, row.start + row.fed + max(len(row.generated) - 1, 0))
+            events.append(FailedEvent(row.handle, row.adapter, error))
+            self._leave(row)
+
+    def _leave(self, row: _Row) -> None:
+        if row.slot < 0:
+            self._waiting = [other for other in self._waiting if other is not row]
+            return
+        self._rows = [other for other in self._rows if other is not row]
+        self._owned.cache.release(row.slot)
+
+    # -- one forward ----------------------------------------------------------------------------------------------
+
+    def _run(self, plan: tuple[list[_Row], list[tuple[_Row, int]]], events: list[Event]) -> None:
+        decode, chunks = plan
+        owned, device = self._owned, self._runner.base.device
+        ids: list[int] = [row.generated[-1] for row in decode]
+        positions: list[int] = [row.next_position for row in decode]
+        for row, position in zip(decode, positions):
+            owned.cache.mark_written(row.slot, position + 1)
+        batch_chunks: list[Chunk] = []
+        wanted = list(range(len(decode)))
+        finishing: list[_Row] = []
+        offset = len(decode)
+        for row, count in chunks:
+            assert row.inputs is not None
+            ids += row.inputs[row.fed:row.fed + count]
+            first = row.start + row.fed
+            positions += range(first, first + count)
+            batch_chunks.append(Chunk(row.slot, first, count, offset))
+            owned.cache.mark_written(row.slot, first + count)
+            if row.fed + count == len(row.inputs):
+                wanted.append(offset + count - 1)
+                finishing.append(row)
+            offset += count
+        rows = decode + [row for row, _ in chunks]
+        counts = [1] * len(decode) + [count for _, count in chunks]
+        embeddings = self._embed(torch.tensor(ids, device=device), rows, counts)
+        batch = StepBatch(embeddings, torch.tensor(positions, device=device),
+                          torch.tensor([row.slot for row in decode], dtype=torch.long, device=device), batch_chunks)
+        step_adapters = owned.adapters.for_step([row.adapter for row in decode],
+                                                [(row.adapter, count) for row, count in chunks], id(self))
+        try:
+            hidden = owned.forward(batch, owned.cache, step_adapters, torch.tensor(wanted, device=device))
+        finally:
+            if step_adapters is not None:
+                step_adapters.finish()
+        sampling = decode + finishing
+        logits = owned.forward.logits(hidden)
+        for index, row in enumerate(sampling):
+            vocabulary = None if row.adapter is None else row.adapter.vocabulary
+            if vocabulary is not None and vocabulary.changes_output:
+                logits[index] = vocabulary.logits(hidden[index], logits[index])
+        tokens = self._runner.sample(logits.float(), [(row.job.params, row.generator) for row in sampling])
+        for row, count in chunks:
+            row.fed += count
+        for row, token in zip(sampling, tokens):
+            row.finish_reason = self._runner.advance(row, token)
+            token_events(row, events)
+            if row.finish_reason is not None:
+                self._leave(row)
+
+    def _embed(self, ids: torch.Tensor, rows: list[_Row], counts: list[int]) -> torch.Tensor:
+        """Input embeddings of the flat batch: the base's, a row's own vocabulary where it has one, and the
+        adapter's virtual token embeddings at placeholder ids."""
+        embeddings = F.embedding(ids.clamp(min=0), self._owned.forward.embed)
+        offset = 0
+        for row, count in zip(rows, counts):
+            adapter = row.adapter
+            if adapter is not None:
+                span = slice(offset, offset + count)
+                if adapter.vocabulary is not None and adapter.vocabulary.changes_input:
+                    embeddings[span] = adapter.vocabulary.embed(ids[span].clamp(min=0), embeddings[span])
+                if adapter.virtual_tokens is not None:
+                    virtual = ids[span] < 0
+                    if bool(virtual.any()):
+                        part = embeddings[span]
+                        part[virtual] = adapter.virtual_tokens[virtual_index(ids[span][virtual])].to(part.dtype)
+            offset += count
+        return embeddings

@@ -1,0 +1,302 @@
+"""The service's own forward pass for the Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2 with its q/k/v bias).
+
+Weights are taken from the loaded HF model once: q/k/v fused into one matrix, gate/up into another, and the HF
+modules' weights replaced by views into the fused matrices, so the base sits in memory once and the transformers
+path (PEFT, classification) still runs on the very same numbers. A step's tokens are one flat batch [tokens,
+hidden]: the running rows' decode tokens first, then chunks of prompts being prefilled. Every matmul runs on the
+whole flat batch; attention runs per group over the slot cache (one call for all decode rows over a view of their
+slots, one per prompt chunk). Adapters act through ``StepAdapters``: per-row LoRA deltas land in their slice of the
+fused projections, IA3 scales theirs; prefix and prompt tuning live in the cache and the input embeddings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from service.model.owned.slot_cache import SlotCache
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def unsupported_reason(model: PreTrainedModel) -> str | None:
+    """Why the owned forward cannot run this model (None: it can)."""
+    config = model.config
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model type {config.model_type!r} (owned: {', '.join(SUPPORTED_MODEL_TYPES)})"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r}"
+    rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope not in SUPPORTED_ROPE_TYPES:
+        return f"rope type {rope!r}"
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True) and window < config.max_position_embeddings:
+        return f"sliding window attention ({window})"
+    return None
+
+
+@dataclass
+class Chunk:
+    """A piece of one row's prompt in this step: ``length`` tokens from cache position ``start``, at ``offset`` in
+    the flat batch."""
+
+    slot: int
+    start: int
+    length: int
+    offset: int
+
+
+@dataclass
+class StepBatch:
+    embeddings: torch.Tensor  # [tokens, hidden]
+    positions: torch.Tensor  # [tokens]
+    decode_slots: torch.Tensor  # [decode rows]: their cache slots, ascending; their tokens come first
+    chunks: list[Chunk]
+
+    @property
+    def decode_rows(self) -> int:
+        return self.decode_slots.shape[0]
+
+
+class StepAdapters(Protocol):
+    """What the forward asks of the step's adapters, per layer and module (``None``: nothing to do)."""
+
+    def add_lora(self, layer: int, module: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Add the rows' LoRA deltas for ``x`` [tokens, in] of this module to its output ``out`` [tokens, out]."""
+
+    def scale(self, layer: int, module: str, of_input: bool = False) -> torch.Tensor | None:
+        """IA3 per-token scales [tokens, features] of this module's output (or its input)."""
+
+
+@dataclass
+class _Layer:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+
+
+def _fuse(modules: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One matrix (and bias) for several linears over the same input; the modules keep views of their part."""
+    weight = torch.cat([m.weight.detach() for m in modules])
+    has_bias = [m.bias is not None for m in modules]
+    bias = torch.cat([m.bias.detach() for m in modules]) if all(has_bias) else None
+    row = 0
+    for module in modules:
+        rows = module.out_features
+        module.weight = torch.nn.Parameter(weight[row:row + rows], requires_grad=False)
+        if bias is not None:
+            module.bias = torch.nn.Parameter(bias[row:row + rows], requires_grad=False)
+        row += rows
+    return weight, bias
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x [tokens, heads, dim] with cos/sin [tokens, 1, dim] (HF's rotate-half layout)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class LlamaForward:
+    def __init__(self, model: PreTrainedModel, compile_pointwise: bool = False) -> None:
+        config = model.config
+        self.config = config
+        self.heads: int = config.num_attention_heads
+        self.kv_heads: int = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim: int = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps: float = config.rms_norm_eps
+        backbone = model.model
+        self.embed = backbone.embed_tokens.weight
+        self.final_norm = backbone.norm.weight
+        head = model.get_output_embeddings()
+        self.lm_head = head.weight
+        self.lm_head_bias = getattr(head, "bias", None)
+        self.q_size = self.heads * self.head_dim
+        self.kv_size = self.kv_heads * self.head_dim
+        self.intermediate: int = config.intermediate_size
+        # Each module's slice of its fused output (and which fused matmul produces it).
+        self.slices = {
+            "q_proj": slice(0, self.q_size),
+            "k_proj": slice(self.q_size, self.q_size + self.kv_size),
+            "v_proj": slice(self.q_size + self.kv_size, self.q_size + 2 * self.kv_size),
+            "gate_proj": slice(0, self.intermediate),
+            "up_proj": slice(self.intermediate, 2 * self.intermediate),
+        }
+        self.layers: list[_Layer] = []
+        self.modules: list[dict[str, torch.nn.Linear]] = []  # the HF linears, by layer (adapter pools key on them)
+        for layer in backbone.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            linears = {name: getattr(attention if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else mlp, name)
+                       for name in MODULES}
+            self.modules.append(linears)
+            qkv, qkv_bias = _fuse([linears["q_proj"], linears["k_proj"], linears["v_proj"]])
+            gate_up, gate_up_bias = _fuse([linears["gate_proj"], linears["up_proj"]])
+            self.layers.append(_Layer(
+                input_norm=layer.input_layernorm.weight, qkv=qkv, qkv_bias=qkv_bias,
+                o=linears["o_proj"].weight, o_bias=linears["o_proj"].bias,
+                post_norm=layer.post_attention_layernorm.weight, gate_up=gate_up, gate_up_bias=gate_up_bias,
+                down=linears["down_proj"].weight, down_bias=linears["down_proj"].bias,
+            ))
+        rotary = backbone.rotary_emb
+        positions = torch.arange(config.max_position_embeddings, device=self.embed.device)
+        freqs = positions[:, None].float() * rotary.inv_freq.to(device=self.embed.device, dtype=torch.float)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        scaling = rotary.attention_scaling
+        self.cos = (angles.cos() * scaling).to(self.embed.dtype)
+        self.sin = (angles.sin() * scaling).to(self.embed.dtype)
+        self._norm: Callable = rms_norm
+        self._rotate: Callable = rotate
+        self._silu_mul: Callable = silu_mul
+        if compile_pointwise:
+            self._norm = torch.compile(rms_norm, dynamic=True)
+            self._rotate = torch.compile(rotate, dynamic=True)
+            self._silu_mul = torch.compile(silu_mul, dynamic=True)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    def __call__(self, batch: StepBatch, cache: SlotCache, adapters: StepAdapters | None,
+                 wanted: torch.Tensor) -> torch.Tensor:
+        """The final-normed hidden state of the flat tokens at ``wanted`` (indices), after writing every token's
+        keys/values into its row's slot."""
+        x = batch.embeddings
+        cos = self.cos[batch.positions].unsqueeze(1)
+        sin = self.sin[batch.positions].unsqueeze(1)
+        decode = batch.decode_rows
+        attend = _DecodeAttention(batch, cache, self.heads) if decode else None
+        for index, layer in enumerate(self.layers):
+            h = self._norm(x, layer.input_norm, self.eps)
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            if adapters is not None:
+                self._adapt(adapters, index, h, qkv, ("q_proj", "k_proj", "v_proj"))
+            tokens = qkv.shape[0]
+            q = self._rotate(qkv[:, :self.q_size].view(tokens, self.heads, self.head_dim), cos, sin)
+            k = self._rotate(qkv[:, self.q_size:self.q_size + self.kv_size].view(tokens, self.kv_heads,
+                                                                                   self.head_dim), cos, sin)
+            v = qkv[:, self.q_size + self.kv_size:].view(tokens, self.kv_heads, self.head_dim)
+            keys, values = cache.keys[index], cache.values[index]
+            out = q.new_empty((tokens, self.heads, self.head_dim))
+            if attend is not None:
+                out[:decode] = attend(q[:decode], k[:decode], v[:decode], keys, values)
+            for chunk in batch.chunks:
+                rows = slice(chunk.offset, chunk.offset + chunk.length)
+                out[rows] = _chunk_attention(chunk, q[rows], k[rows], v[rows], keys, values)
+            attention = out.view(tokens, self.q_size)
+            o = F.linear(attention, layer.o, layer.o_bias)
+            if adapters is not None:
+                adapters.add_lora(index, "o_proj", attention, o)
+                scale = adapters.scale(index, "o_proj")
+                if scale is not None:
+                    o *= scale
+            x = x + o
+            h = self._norm(x, layer.post_norm, self.eps)
+            gate_up = F.linear(h, layer.gate_up, layer.gate_up_bias)
+            if adapters is not None:
+                self._adapt(adapters, index, h, gate_up, ("gate_proj", "up_proj"))
+            act = self._silu_mul(gate_up)
+            if adapters is not None:
+                scale = adapters.scale(index, "down_proj", of_input=True)
+                if scale is not None:
+                    act = act * scale
+            down = F.linear(act, layer.down, layer.down_bias)
+            if adapters is not None:
+                adapters.add_lora(index, "down_proj", act, down)
+                scale = adapters.scale(index, "down_proj")
+                if scale is not None:
+                    down *= scale
+            x = x + down
+        return self._norm(x[wanted], self.final_norm, self.eps)
+
+    def _adapt(self, adapters: StepAdapters, layer: int, x: torch.Tensor, fused: torch.Tensor,
+               names: tuple[str, ...]) -> None:
+        for name in names:
+            part = fused[:, self.slices[name]]
+            adapters.add_lora(layer, name, x, part)
+            scale = adapters.scale(layer, name)
+            if scale is not None:
+                part *= scale
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head, self.lm_head_bias)
+
+
+class _DecodeAttention:
+    """Attention of the decode rows (one new token each) over the span of slots they occupy, as a view."""
+
+    def __init__(self, batch: StepBatch, cache: SlotCache, heads: int) -> None:
+        slots = batch.decode_slots
+        self.slots = slots
+        self.positions = batch.positions[:slots.shape[0]]
+        self.low = int(slots[0])
+        high = int(slots[-1]) + 1
+        self.span = high - self.low
+        self.length = int(self.positions.max()) + 1
+        self.dense = self.span == slots.shape[0]  # rows fill their span: no holes to scatter into
+        self.index = slots - self.low
+        columns = torch.arange(self.length, device=slots.device)
+        lengths = torch.zeros(self.span, dtype=torch.long, device=slots.device)
+        lengths[self.index] = self.positions + 1  # holes attend to nothing (their output is never read)
+        mask = columns[None, :] < lengths[:, None]
+        mask[:, 0] = True  # a hole still needs one key, or its softmax is NaN
+        self.mask = mask[:, None, None, :]
+        self.heads = heads
+        cache.ensure_finite(self.low, high, self.length)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
+                 values: torch.Tensor) -> torch.Tensor:
+        keys[self.slots, :, self.positions] = k
+        values[self.slots, :, self.positions] = v
+        span = slice(self.low, self.low + self.span)
+        if self.dense:
+            query = q.unsqueeze(2)  # [rows, heads, 1, dim]
+        else:
+            query = q.new_zeros((self.span, self.heads, 1, q.shape[-1]))
+            query[self.index] = q.unsqueeze(2)
+        out = F.scaled_dot_product_attention(
+            query, keys[span, :, :self.length], values[span, :, :self.length], attn_mask=self.mask, enable_gqa=True,
+        )
+        return (out if self.dense else out[self.index]).squeeze(2)
+
+
+def _chunk_attention(chunk: Chunk, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
+                     values: torch.Tensor) -> torch.Tensor:
+    end = chunk.start + chunk.length
+    keys[chunk.slot, :, chunk.start:end] = k.transpose(0, 1)
+    values[chunk.slot, :, chunk.start:end] = v.transpose(0, 1)
+    query = q.transpose(0, 1).unsqueeze(0)  # [1, heads, length, dim]
+    key_view = keys[chunk.slot:chunk.slot + 1, :, :end]
+    value_view = values[chunk.slot:chunk.slot + 1, :, :end]
+    if chunk.start == 0:
+        out = F.scaled_dot_product_attention(query, key_view, value_view, is_causal=True, enable_gqa=True)
+    else:
+        rows = torch.arange(chunk.length, device=q.device)[:, None] + chunk.start
+        mask = torch.arange(end, device=q.device)[None, :] <= rows
+        out = F.scaled_dot_product_attention(query, key_view, value_view, attn_mask=mask, enable_gqa=True)
+    return out[0].transpose(0, 1)

@@ -1,0 +1,43 @@
+"""The owned path's model: forward, slot cache and adapter routing, built for a base when its architecture has one."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from service.model.gathered import GatheredLora
+from service.model.ia3 import IA3Pool
+from service.model.loading import BaseModel
+from service.model.owned.llama import LlamaForward, unsupported_reason
+from service.model.owned.routing import OwnedAdapters
+from service.model.owned.slot_cache import CacheLimits, CacheShape, SlotCache
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class OwnedModel:
+    """What the owned path needs: the forward, its cache and the adapter routing."""
+
+    forward: LlamaForward
+    cache: SlotCache
+    adapters: OwnedAdapters
+    max_batch_tokens: int
+
+
+def build_owned(base: BaseModel, gathered: GatheredLora, ia3: IA3Pool, limits: CacheLimits,
+                max_positions: int) -> OwnedModel | None:
+    """The owned path for this base, or None (with the reason logged) when its architecture has none."""
+    if not base.family.can_generate or base.family.name != "decoder":
+        return None
+    reason = unsupported_reason(base.model)
+    if reason is not None:
+        logger.info("generation uses the transformers forward: the owned one does not cover %s", reason)
+        return None
+    forward = LlamaForward(base.model)
+    shape = CacheShape.sized(limits, len(forward.layers), forward.kv_heads, forward.head_dim, max_positions,
+                             forward.dtype)
+    cache = SlotCache(shape, forward.dtype, base.device)
+    logger.info("owned forward: %d slots of %d tokens, cache budget %d tokens (%.0f MiB)", shape.slots,
+                shape.slot_tokens, shape.budget_tokens, cache.nbytes_budget() / 2**20)
+    return OwnedModel(forward, cache, OwnedAdapters(forward, gathered, ia3), limits.max_batch_tokens)
