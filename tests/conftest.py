@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach a hub; PEFT's save probes one otherwise
+# Equivalence with plain PEFT is checked in float32 (the reference's dtype); "auto" may pick bf16 on this CPU.
+os.environ.setdefault("SERVICE_DTYPE", "float32")
 
 import json
 from collections.abc import Callable

@@ -1,9 +1,15 @@
-"""Continuous batching: rows joining mid-generation, of any adapter kind, get their single-request answers."""
+"""Continuous batching: rows joining mid-generation, of any adapter kind, get their single-request answers, on
+both engines (the transformers one and the owned one, with prompts whole or chunked over many steps)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
+import pytest
+
 from service.domain import GenerationParams
 from service.model.engine import GenerationEngine
+from service.model.owned.engine import OwnedEngine
 from service.model.events import DoneEvent, TokenEvent
 from service.model.generation import generate
 from service.model.runner import GenerationJob, ModelRunner
@@ -24,15 +30,31 @@ PLAN = [  # (step at which it joins, adapter, prompt, max_new_tokens)
 ]
 
 
+Engine = GenerationEngine | OwnedEngine
+
+
+@pytest.fixture(params=["transformers", "owned", "owned-chunked"])
+def make_engine(request: pytest.FixtureRequest, runner: ModelRunner) -> Iterator[Callable[[], Engine]]:
+    """``owned-chunked``: 3 tokens a step, so prompts are prefilled over several steps between decode rows."""
+    assert runner.owned is not None
+    budget = runner.owned.max_batch_tokens
+    if request.param == "owned-chunked":
+        runner.owned.max_batch_tokens = 3
+    yield (lambda: GenerationEngine(runner)) if request.param == "transformers" else (
+        lambda: OwnedEngine(runner, runner.owned))
+    runner.owned.max_batch_tokens = budget
+
+
 def _job(runner: ModelRunner, prompt: str, n: int, stop: tuple[str, ...] = ()) -> GenerationJob:
     return GenerationJob(GenerationParams(prompt=prompt, max_new_tokens=n, stop=stop),
                          runner.base.tokenizer(prompt)["input_ids"])
 
 
-def test_rows_joining_mid_generation_match_single_requests(runner: ModelRunner, store: AdapterStore) -> None:
+def test_rows_joining_mid_generation_match_single_requests(runner: ModelRunner, store: AdapterStore,
+                                                          make_engine: Callable[[], Engine]) -> None:
     adapters = {name: runner.load(store.get(name)) for _, name, _, _ in PLAN if name}
     expected = [generate(runner, [adapters.get(name)], [_job(runner, p, n)])[0] for _, name, p, n in PLAN]
-    engine = GenerationEngine(runner)
+    engine = make_engine()
     done: dict[int, object] = {}
     streamed: dict[int, str] = {}
     step = 0
@@ -54,10 +76,10 @@ def test_rows_joining_mid_generation_match_single_requests(runner: ModelRunner, 
         runner.unload(adapter)
 
 
-def test_stream_never_shows_a_stop_string(runner: ModelRunner) -> None:
+def test_stream_never_shows_a_stop_string(runner: ModelRunner, make_engine: Callable[[], Engine]) -> None:
     full = generate(runner, [None], [_job(runner, "Hello", 16)])[0].text
     stop = full[len(full) // 2: len(full) // 2 + 3]
-    engine = GenerationEngine(runner)
+    engine = make_engine()
     events = engine.step([(0, None, _job(runner, "Hello", 16, stop=(stop,)))])
     while engine.active:
         events += engine.step()
@@ -66,8 +88,8 @@ def test_stream_never_shows_a_stop_string(runner: ModelRunner) -> None:
     assert final.finish_reason == "stop" and stop not in streamed and streamed == final.text
 
 
-def test_cancelled_row_is_dropped_at_the_next_step(runner: ModelRunner) -> None:
-    engine = GenerationEngine(runner)
+def test_cancelled_row_is_dropped_at_the_next_step(runner: ModelRunner, make_engine: Callable[[], Engine]) -> None:
+    engine = make_engine()
     keep, drop = _job(runner, "keep going", 10), _job(runner, "cancel me", 50)
     engine.step([(0, None, keep), (1, None, drop)])
     drop.cancelled.set()

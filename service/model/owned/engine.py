@@ -211,17 +211,21 @@ class OwnedEngine:
         step_adapters = owned.adapters.for_step([row.adapter for row in decode],
                                                 [(row.adapter, count) for row, count in chunks], id(self))
         try:
-            hidden = owned.forward(batch, owned.cache, step_adapters, torch.tensor(wanted, device=device))
+            hidden = owned.forward(batch, owned.cache, step_adapters,
+                                   torch.tensor(wanted, dtype=torch.long, device=device))
         finally:
             if step_adapters is not None:
                 step_adapters.finish()
         sampling = decode + finishing
-        logits = owned.forward.logits(hidden)
-        for index, row in enumerate(sampling):
-            vocabulary = None if row.adapter is None else row.adapter.vocabulary
-            if vocabulary is not None and vocabulary.changes_output:
-                logits[index] = vocabulary.logits(hidden[index], logits[index])
-        tokens = self._runner.sample(logits.float(), [(row.job.params, row.generator) for row in sampling])
+        tokens: list[int] = []
+        if sampling:
+            logits = owned.forward.logits(hidden)
+            for index, row in enumerate(sampling):
+                vocabulary = None if row.adapter is None else row.adapter.vocabulary
+                if vocabulary is not None and vocabulary.changes_output:
+                    logits[index] = vocabulary.logits(hidden[index], logits[index])
+            tokens = self._runner.sample(logits.float(), [(row.job.params, row.generator) for row in sampling])
+        # Nothing of the step counts until here: a failure above leaves every row as it was, to be run again.
         for row, count in chunks:
             row.fed += count
         for row, token in zip(sampling, tokens):

@@ -152,8 +152,8 @@ class LlamaForward:
         self.modules: list[dict[str, torch.nn.Linear]] = []  # the HF linears, by layer (adapter pools key on them)
         for layer in backbone.layers:
             attention, mlp = layer.self_attn, layer.mlp
-            linears = {name: getattr(attention if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else mlp, name)
-                       for name in MODULES}
+            linears = {name: getattr(attention if name[0] in "qkvo" else mlp, name) for name in MODULES}
+            linears = {name: getattr(module, "base_layer", module) for name, module in linears.items()}
             self.modules.append(linears)
             qkv, qkv_bias = _fuse([linears["q_proj"], linears["k_proj"], linears["v_proj"]])
             gate_up, gate_up_bias = _fuse([linears["gate_proj"], linears["up_proj"]])

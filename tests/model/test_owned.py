@@ -1,0 +1,139 @@
+"""The owned forward: same answers as the transformers path, the base's weights held once, admission by the
+cache's free space, and a fault in one row's adapter mid-prefill failing that row alone."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.domain import GenerationParams
+from service.model.events import DoneEvent, FailedEvent
+from service.model.generation import Engines, generate
+from service.model.loading import BaseModel, load_base_model
+from service.model.owned.engine import OwnedEngine
+from service.model.owned.slot_cache import CacheShape, SlotCache
+from service.model.runner import GenerationJob, ModelRunner
+from service.settings import Settings
+from service.store.store import AdapterStore
+from tests.conftest import TINY_ID
+
+ROWS = [("lora-gen", "hello world", 6), ("prefix-gen", "a longer prompt for the prefix row", 9), (None, "base", 7),
+        ("prompt-gen", "prompt tuned", 5), ("ia3-gen", "ia3 row", 6), ("ia3-attn-gen", "scales an input", 5),
+        ("adalora-gen", "adalora", 6), ("lora-gen-mlp", "mlp lora", 8)]
+
+
+def _job(runner: ModelRunner, prompt: str, n: int) -> GenerationJob:
+    return GenerationJob(GenerationParams(prompt=prompt, max_new_tokens=n), runner.base.tokenizer(prompt)["input_ids"])
+
+
+@pytest.fixture(scope="module")
+def transformers_runner(tiny_base: Path) -> ModelRunner:
+    loaded = load_base_model(Settings(base_model=str(tiny_base), base_model_aliases=[TINY_ID]))
+    return ModelRunner(loaded, forward="transformers")
+
+
+def test_owned_and_transformers_paths_agree_on_a_mixed_batch(runner: ModelRunner, transformers_runner: ModelRunner,
+                                                             store: AdapterStore) -> None:
+    assert runner.owned is not None and transformers_runner.owned is None
+    texts = []
+    for each in (runner, transformers_runner):
+        adapters = [each.load(store.get(name)) if name else None for name, _, _ in ROWS]
+        texts.append([g.text for g in generate(each, adapters, [_job(each, p, n) for _, p, n in ROWS])])
+        for adapter in adapters:
+            if adapter is not None:
+                each.unload(adapter)
+    assert texts[0] == texts[1]
+
+
+def test_rows_go_to_the_engine_that_computes_their_adapter(runner: ModelRunner, store: AdapterStore) -> None:
+    engines = Engines(runner)
+    owned = runner.load(store.get("ia3-gen"))  # scales k/v outputs and down_proj's input: owned
+    other = runner.load(store.get("ia3-attn-gen"))  # scales up_proj's input, shared by the fused gate/up matmul
+    try:
+        assert engines.takes(None) and engines.takes(owned) and not engines.takes(other)
+    finally:
+        runner.unload(owned)
+        runner.unload(other)
+
+
+def test_base_weights_are_held_once(runner: ModelRunner) -> None:
+    """The HF modules' weights are views into the owned forward's fused matrices, not copies."""
+    assert runner.owned is not None
+    forward = runner.owned.forward
+    attention = runner.base.model.model.layers[0].self_attn
+    q_proj = getattr(attention.q_proj, "base_layer", attention.q_proj)
+    assert q_proj.weight.untyped_storage().data_ptr() == forward.layers[0].qkv.untyped_storage().data_ptr()
+    mlp = runner.base.model.model.layers[0].mlp
+    up_proj = getattr(mlp.up_proj, "base_layer", mlp.up_proj)
+    assert up_proj.weight.untyped_storage().data_ptr() == forward.layers[0].gate_up.untyped_storage().data_ptr()
+
+
+@pytest.fixture
+def small_cache(runner: ModelRunner) -> Iterator[SlotCache]:
+    """A cache with room for 40 tokens of rows at once."""
+    assert runner.owned is not None
+    kept = runner.owned.cache
+    shape = kept.shape
+    runner.owned.cache = SlotCache(CacheShape(layers=shape.layers, kv_heads=shape.kv_heads, head_dim=shape.head_dim,
+                                              slots=8, slot_tokens=40, budget_tokens=40),
+                                   kept.keys[0].dtype, runner.base.device)
+    yield runner.owned.cache
+    runner.owned.cache = kept
+
+
+def test_requests_wait_for_cache_room_and_too_large_ones_never_fit(runner: ModelRunner,
+                                                                   small_cache: SlotCache) -> None:
+    jobs = [_job(runner, f"request number {i}", 12) for i in range(4)]  # about 16 tokens each: two fit at once
+    expected = [generate(runner, [None], [job])[0].text for job in jobs]
+    engine = OwnedEngine(runner, runner.owned)
+    events = engine.step([(i, None, job) for i, job in enumerate(jobs)])
+    most_running = 0
+    while engine.active:
+        most_running = max(most_running, small_cache.shape.slots - small_cache.free_slots)
+        assert small_cache.reserved_tokens <= small_cache.shape.budget_tokens
+        events += engine.step()
+    assert most_running == 2
+    done = {e.handle: e.generation.text for e in events if isinstance(e, DoneEvent)}
+    assert done == dict(enumerate(expected))
+    assert not engine.fits(None, _job(runner, "far too long for this cache", 39))
+
+
+def test_a_fault_mid_prefill_fails_that_row_alone(runner: ModelRunner, store: AdapterStore) -> None:
+    assert runner.owned is not None
+    names = ["lora-gen", "prompt-gen", None]
+    adapters = [runner.load(store.get(name)) if name else None for name in names]
+    jobs = [_job(runner, "a prompt long enough to take several steps", 6) for _ in names]
+    expected = [generate(runner, [adapter], [job])[0].text for adapter, job in zip(adapters, jobs)]
+    budget, runner.owned.max_batch_tokens = runner.owned.max_batch_tokens, 4
+    try:
+        engine = OwnedEngine(runner, runner.owned)
+        events = engine.step(list(zip(range(3), adapters, jobs)))
+        good = adapters[1].virtual_tokens
+        adapters[1].virtual_tokens = good[:, :-1]  # its embeddings no longer fit the base's hidden size
+        while engine.active:
+            events += engine.step()
+        adapters[1].virtual_tokens = good
+    finally:
+        runner.owned.max_batch_tokens = budget
+    assert [e.handle for e in events if isinstance(e, FailedEvent)] == [1]
+    assert {e.handle: e.generation.text for e in events if isinstance(e, DoneEvent)} == {0: expected[0],
+                                                                                          2: expected[2]}
+    assert runner.owned.cache.free_slots == runner.owned.cache.shape.slots
+    for adapter in adapters:
+        if adapter is not None:
+            runner.unload(adapter)
+
+
+def test_prefix_keys_are_written_into_the_slot_once(runner: ModelRunner, store: AdapterStore) -> None:
+    assert runner.owned is not None
+    adapter = runner.load(store.get("prefix-gen"))
+    engine = OwnedEngine(runner, runner.owned)
+    engine.step([(0, adapter, _job(runner, "prefix", 4))])
+    row = engine._rows[0]
+    keys = runner.owned.cache.keys[0][row.slot, :, :adapter.num_virtual_tokens]
+    assert torch.equal(keys, adapter.prefix[0][0][0])
+    engine.abort()
+    runner.unload(adapter)
