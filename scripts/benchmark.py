@@ -6,7 +6,7 @@ one run on one machine. With --vllm-python, vLLM (in its own environment, e.g. a
 the same base and LoRA adapters and gets the same generation workload, as a peer in the same table. Usage:
 
     .venv/bin/python scripts/benchmark.py [--requests 512] [--gen-requests 64] [--lora 32] [--prefix 8]
-                                          [--vllm-python /path/to/vllm-venv/bin/python]
+                                          [--vllm-python /path/to/vllm-venv/bin/python] [--generation-only]
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ VllmWorkload = tuple[str, Callable[[], str], int, int]
 
 
 def make_adapters(base: Path, store: Path, loras: int, prefixes: int, prompts: int = 0,
-                  ia3s: int = 0) -> dict[str, list[str]]:
+                  ia3s: int = 0, classification: bool = True) -> dict[str, list[str]]:
     """Synthetic adapters of both tasks; random weights, real PEFT files. Prompt tuning and IA3 adapters (generation
     only, listed apart so the LoRA + prefix measures stay comparable across runs) join the mixed-kinds run."""
     names: dict[str, list[str]] = {"classification": [], "generation": [], "other kinds": []}
@@ -67,6 +67,8 @@ def make_adapters(base: Path, store: Path, loras: int, prefixes: int, prompts: i
         names["other kinds"].append(name)
     torch.manual_seed(0)
     for task, task_type in (("classification", TaskType.SEQ_CLS), ("generation", TaskType.CAUSAL_LM)):
+        if task == "classification" and not classification:
+            continue
         for index in range(loras + prefixes):
             if task == "classification":
                 model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)
@@ -418,6 +420,80 @@ def generation_rows(strategy: str, measure: str, figures: dict[str, float]) -> l
             (strategy, f"{measure} ITL p50 / p99", figures["itl p50"], f"s / {figures['itl p99']:.3f} s")]
 
 
+CURVE = (1, 4, 16, 64)
+
+
+def curve_bodies(prompts: list[str], concurrency: int, model: Callable[[], str | None], openai: bool) -> list[dict]:
+    """The same prompts for every server: all of them from concurrency 16 up, a few per slot below."""
+    count = len(prompts) if concurrency >= 16 else max(8, 4 * concurrency)
+    if openai:
+        return [{"model": model(), "prompt": p, "max_tokens": 32, "temperature": 0} for p in prompts[:count]]
+    return [{"adapter": model(), "prompt": p, "max_new_tokens": 32} for p in prompts[:count]]
+
+
+def curve_rows(strategy: str, label: str, url: str, prompts: list[str], model: Callable[[], str | None],
+               openai: bool) -> list[Row]:
+    rows: list[Row] = []
+    for concurrency in CURVE:
+        bodies = curve_bodies(prompts, concurrency, model, openai)
+        figures = asyncio.run(stream_generate(url, bodies, concurrency, read_openai_stream if openai
+                                              else read_service_stream))
+        print(f"[{strategy}] {label} c={concurrency}: {figures['tok/s']:.1f} tok/s, TTFT p99 "
+              f"{figures['ttft p99']:.2f} s, ITL p50/p99 {figures['itl p50']:.3f}/{figures['itl p99']:.3f} s",
+              flush=True)
+        rows += generation_rows(strategy, f"{label} c={concurrency}", figures)
+    return rows
+
+
+def generation_run(store: Path, base: Path, adapters: dict[str, list[str]], prompts: list[str], port: int,
+                   vllm_python: str | None, prefix: Path | None) -> None:
+    """Generation only, ours against vLLM at 1, 4, 16 and 64 concurrent streams: base only, and mixed adapters
+    (ours: every LoRA and prefix adapter uniformly; vLLM: the LoRA adapters, as it serves no prefix)."""
+    rng = random.Random(3)
+    generation = adapters["generation"]
+    loras = [name for name in generation if "-lora-" in name]
+    rows: list[Row] = []
+    server = start_server(store, "mixed", port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        warm = [{"adapter": a, "prompt": "warm up", "max_new_tokens": 2} for a in [None, *generation]]
+        asyncio.run(drive(url, "/v1/generate", warm, 8))
+        rows += curve_rows("ours", "base only", url, prompts, lambda: None, openai=False)
+        rows += curve_rows("ours", "mixed", url, prompts, lambda: pick(rng, generation, False), openai=False)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    if vllm_python and prefix:
+        for label, names, model in (("base only", [], lambda: EMBEDDED_MODEL_ID),
+                                    ("mixed", loras, lambda: pick(rng, loras, False))):
+            vllm_port = _free_port()
+            log = Path(tempfile.mkstemp(prefix="bench-vllm-", suffix=".log")[1])
+            print(f"[vllm] starting with {len(names)} LoRA adapters, log in {log}", flush=True)
+            peer = start_vllm(vllm_python, prefix, base, store, names, vllm_port, log)
+            try:
+                vllm_url = f"http://127.0.0.1:{vllm_port}"
+                warm = [{"model": name, "prompt": "warm up", "max_tokens": 2} for name in (EMBEDDED_MODEL_ID, *names)]
+                asyncio.run(stream_generate(vllm_url, warm, 8, read_openai_stream))
+                rows += curve_rows("vllm", label, vllm_url, prompts, model, openai=True)
+            finally:
+                stop_group(peer)
+    table = {(strategy, name): value for strategy, name, value, _ in rows}
+    print(f"\n{'strategy':<8} {'measure':<44} {'value':>10}  unit")
+    for strategy, name, value, unit in rows:
+        print(f"{strategy:<8} {name:<44} {value:>10.3f}  {unit}")
+    print()
+    for concurrency in CURVE:
+        ours_base, ours_mixed = table[("ours", f"base only c={concurrency}")], table[("ours", f"mixed c={concurrency}")]
+        print(f"ratio    c={concurrency:<3} ours mixed / ours base {ours_mixed / ours_base:>25.2f}")
+        if ("vllm", f"base only c={concurrency}") in table:
+            print(f"ratio    c={concurrency:<3} ours base / vLLM base "
+                  f"{ours_base / table[('vllm', f'base only c={concurrency}')]:>26.2f}")
+            print(f"ratio    c={concurrency:<3} ours mixed / vLLM mixed LoRA "
+                  f"{ours_mixed / table[('vllm', f'mixed c={concurrency}')]:>20.2f}")
+    dtype = str(resolve_dtype(Settings().dtype, torch.device("cpu"))).removeprefix("torch.")
+    print(f"\ntorch {torch.__version__}, {os.cpu_count()} CPUs, dtype {dtype} (both servers)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=512)
@@ -428,6 +504,8 @@ def main() -> None:
     parser.add_argument("--ia3", type=int, default=4, help="IA3 adapters for the mixed-kinds run")
     parser.add_argument("--kinds-only", action="store_true",
                         help="only the generation run mixing every kind against LoRA-only mixing (mixed batching)")
+    parser.add_argument("--generation-only", action="store_true",
+                        help="only generation, ours and vLLM, at 1, 4, 16 and 64 concurrent streams")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--vllm-python", metavar="PATH",
                         help="python of an environment with vLLM: also measure vLLM on the same LoRA adapters")
@@ -441,13 +519,17 @@ def main() -> None:
             parser.error(f"--vllm-python {args.vllm_python} cannot import vllm")
     base = embedded_model_folder(Settings().cache_dir)
     store = Path(tempfile.mkdtemp(prefix="bench-store-"))
-    adapters = make_adapters(base, store, args.lora, args.prefix, args.prompt, args.ia3)
+    adapters = make_adapters(base, store, args.lora, args.prefix, 0 if args.generation_only else args.prompt,
+                             0 if args.generation_only else args.ia3, classification=not args.generation_only)
     rng = random.Random(0)
     cls_texts = [text_of(rng, 16, 64) for _ in range(args.requests)]
     gen_prompts = [text_of(rng, 8, 24) for _ in range(args.gen_requests)]
     rows: list[Row] = []
     if args.kinds_only:
         kinds_run(store, adapters, gen_prompts, args.port or _free_port())
+        return
+    if args.generation_only:
+        generation_run(store, base, adapters, gen_prompts, args.port or _free_port(), args.vllm_python, prefix)
         return
     for batching in ("mixed", "grouped"):
         port = args.port or _free_port()

@@ -153,16 +153,16 @@ class InferenceService:
 
     async def stream(self, payload: GeneratePayload) -> AsyncIterator[str | Generation]:
         """Text pieces as they are generated, then the final Generation; leaving early frees the row."""
-        pieces: asyncio.Queue[str] = asyncio.Queue()
+        # One queue carries the pieces and then the finished task: a stream costs one wake-up per piece.
+        pieces: asyncio.Queue[str | asyncio.Task] = asyncio.Queue()
         task = asyncio.create_task(self.generate(payload, pieces.put_nowait))
+        task.add_done_callback(pieces.put_nowait)
         try:
-            while not task.done() or not pieces.empty():
-                getter = asyncio.ensure_future(pieces.get())
-                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    yield getter.result()
-                else:
-                    getter.cancel()
+            while True:
+                item = await pieces.get()
+                if isinstance(item, asyncio.Task):
+                    break
+                yield item
             yield task.result()
         finally:
             if not task.done():

@@ -19,10 +19,10 @@ from service.environment import warn_if_untested
 from service.inference import InferenceService
 from service.metrics import Metrics
 from service.model.loading import load_base_model
+from service.model.owned.slot_cache import CacheLimits
 from service.model.runner import ModelRunner
 from service.model.validation import BaseShapes
 from service.settings import Settings
-from service.model.owned.slot_cache import CacheLimits
 from service.store.store import AdapterStore
 
 logger = logging.getLogger(__name__)

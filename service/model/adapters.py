@@ -28,6 +28,7 @@ from service.model.compat import peft_internal_deprecations_silenced
 from service.model.families.base import HEAD_KEY, head_outputs
 from service.model.ia3 import Vectors, read_vectors
 from service.model.loading import BaseModel
+from service.model.lora_direct import direct_entries
 from service.model.prompt_tuning import load_virtual_tokens
 from service.model.vocabulary import VOCABULARY_MODULES, VocabularyOverride, split_vocabulary, to_device
 
@@ -170,7 +171,10 @@ class LoraHost:
     def add(self, name: str, config_dict: dict, weights: dict[str, torch.Tensor]) -> None:
         fields = {k: v for k, v in config_dict.items() if k in LoraConfig.__dataclass_fields__}
         # Heads and vocabulary parts are served apart from the LoRA host (see ``check_lora_weights``).
-        fields.update(modules_to_save=None, trainable_token_indices=None, inference_mode=True, task_type=None)
+        # init_lora_weights: PiSSA, OLoRA and the like rewrite the base layer's weights when initialising; the
+        # saved A and B replace the initial ones anyway, and the shared base must never change.
+        fields.update(modules_to_save=None, trainable_token_indices=None, inference_mode=True, task_type=None,
+                      init_lora_weights=True)
         try:
             config = LoraConfig(**fields)
         except (TypeError, ValueError) as error:
@@ -281,8 +285,10 @@ def check_lora_weights(name: str, config: dict, weights: dict[str, torch.Tensor]
         )
 
 
-def load_adapter(info: AdapterInfo, base: BaseModel, lora_host: LoraHost, peft_name: str) -> LoadedAdapter:
-    """Read an adapter folder and make it resident: LoRA into the host, prefix key/values and head computed."""
+def load_adapter(info: AdapterInfo, base: BaseModel, lora_host: LoraHost, peft_name: str,
+                 direct_lora: bool = True) -> LoadedAdapter:
+    """Read an adapter folder and make it resident: plain LoRA straight into the pool (``direct_lora``), other LoRA
+    into the PEFT host, prefix key/values and head computed."""
     path = Path(info.path)
     config_dict = read_config(path)
     weights = {base.family.local_key(key): tensor for key, tensor in read_adapter_weights(path).items()}
@@ -313,7 +319,10 @@ def load_adapter(info: AdapterInfo, base: BaseModel, lora_host: LoraHost, peft_n
     output = getattr(output, "base_layer", output).weight
     vocabulary, weights = split_vocabulary(weights, config_dict, info.name, embedding, output, tied)
     check_lora_weights(info.name, config_dict, weights)
-    lora_host.add(peft_name, config_dict, weights)
     if vocabulary is not None:
         vocabulary = to_device(vocabulary, base.device, base.dtype)
+    entries = direct_entries(config_dict, weights, base, info.name) if direct_lora else None
+    if entries is not None:
+        return LoadedAdapter(info=info, head=head, peft_name=peft_name, vocabulary=vocabulary, pool_entries=entries)
+    lora_host.add(peft_name, config_dict, weights)
     return LoadedAdapter(info=info, head=head, peft_name=peft_name, vocabulary=vocabulary)

@@ -101,7 +101,8 @@ class ModelRunner:
     def load(self, info: AdapterInfo) -> LoadedAdapter:
         # no_grad rather than inference_mode: PEFT later flips requires_grad on these tensors when switching.
         with torch.no_grad():
-            adapter = load_adapter(info, self.base, self.lora_host, next(self._peft_names))
+            adapter = load_adapter(info, self.base, self.lora_host, next(self._peft_names),
+                                   direct_lora=self.lora_kernel == "gathered")
             try:
                 if adapter.pool_entries is not None:
                     self.gathered.add_entries(adapter.peft_name, adapter.pool_entries)

@@ -9,9 +9,9 @@ import pytest
 
 from service.domain import GenerationParams
 from service.model.engine import GenerationEngine
-from service.model.owned.engine import OwnedEngine
 from service.model.events import DoneEvent, TokenEvent
 from service.model.generation import generate
+from service.model.owned.engine import OwnedEngine
 from service.model.runner import GenerationJob, ModelRunner
 from service.store.store import AdapterStore
 

@@ -12,7 +12,7 @@ import torch
 from service.domain import GenerationParams
 from service.model.events import DoneEvent, FailedEvent
 from service.model.generation import Engines, generate
-from service.model.loading import BaseModel, load_base_model
+from service.model.loading import load_base_model
 from service.model.owned.engine import OwnedEngine
 from service.model.owned.slot_cache import CacheShape, SlotCache
 from service.model.runner import GenerationJob, ModelRunner
@@ -65,10 +65,10 @@ def test_base_weights_are_held_once(runner: ModelRunner) -> None:
     forward = runner.owned.forward
     attention = runner.base.model.model.layers[0].self_attn
     q_proj = getattr(attention.q_proj, "base_layer", attention.q_proj)
-    assert q_proj.weight.untyped_storage().data_ptr() == forward.layers[0].qkv.untyped_storage().data_ptr()
+    assert q_proj.weight.untyped_storage().data_ptr() == forward.layers[0].qkv.weight.untyped_storage().data_ptr()
     mlp = runner.base.model.model.layers[0].mlp
     up_proj = getattr(mlp.up_proj, "base_layer", mlp.up_proj)
-    assert up_proj.weight.untyped_storage().data_ptr() == forward.layers[0].gate_up.untyped_storage().data_ptr()
+    assert up_proj.weight.untyped_storage().data_ptr() == forward.layers[0].gate_up.weight.untyped_storage().data_ptr()
 
 
 @pytest.fixture

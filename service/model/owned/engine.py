@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from service.model.adapters import LoadedAdapter
-from service.model.events import Admission, DoneEvent, Event, FailedEvent, RowState, new_generator, token_events
+from service.model.events import Admission, Event, FailedEvent, RowState, new_generator, token_events
 from service.model.owned.llama import Chunk, StepBatch
 from service.model.owned.model import OwnedModel
 from service.model.prompt_tuning import virtual_ids, virtual_index

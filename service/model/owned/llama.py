@@ -1,12 +1,13 @@
 """The service's own forward pass for the Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2 with its q/k/v bias).
 
-Weights are taken from the loaded HF model once: q/k/v fused into one matrix, gate/up into another, and the HF
-modules' weights replaced by views into the fused matrices, so the base sits in memory once and the transformers
-path (PEFT, classification) still runs on the very same numbers. A step's tokens are one flat batch [tokens,
-hidden]: the running rows' decode tokens first, then chunks of prompts being prefilled. Every matmul runs on the
-whole flat batch; attention runs per group over the slot cache (one call for all decode rows over a view of their
-slots, one per prompt chunk). Adapters act through ``StepAdapters``: per-row LoRA deltas land in their slice of the
-fused projections, IA3 scales theirs; prefix and prompt tuning live in the cache and the input embeddings.
+Weights are taken from the loaded HF model once: q/k/v fused into one matrix, gate/up into another (prepacked for
+oneDNN in bf16 on a CPU), and the HF modules made to compute through them (``matmul.py``), so the base sits in
+memory once and the transformers path (PEFT, classification) still runs on the very same numbers. A step's tokens
+are one flat batch [tokens, hidden]: the running rows' decode tokens first, then chunks of prompts being prefilled.
+Every matmul runs on the whole flat batch; attention runs per group over the slot cache (one call for all decode
+rows over a view of their slots, one per prompt chunk). Adapters act through ``StepAdapters``: per-row LoRA deltas
+land in their slice of the fused projections, IA3 scales theirs; prefix and prompt tuning live in the cache and the
+input embeddings.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from service.model.owned.matmul import Matmul, fuse
 from service.model.owned.slot_cache import SlotCache
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -78,30 +80,11 @@ class StepAdapters(Protocol):
 @dataclass
 class _Layer:
     input_norm: torch.Tensor
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor
-    o_bias: torch.Tensor | None
+    qkv: Matmul
+    o: Matmul
     post_norm: torch.Tensor
-    gate_up: torch.Tensor
-    gate_up_bias: torch.Tensor | None
-    down: torch.Tensor
-    down_bias: torch.Tensor | None
-
-
-def _fuse(modules: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One matrix (and bias) for several linears over the same input; the modules keep views of their part."""
-    weight = torch.cat([m.weight.detach() for m in modules])
-    has_bias = [m.bias is not None for m in modules]
-    bias = torch.cat([m.bias.detach() for m in modules]) if all(has_bias) else None
-    row = 0
-    for module in modules:
-        rows = module.out_features
-        module.weight = torch.nn.Parameter(weight[row:row + rows], requires_grad=False)
-        if bias is not None:
-            module.bias = torch.nn.Parameter(bias[row:row + rows], requires_grad=False)
-        row += rows
-    return weight, bias
+    gate_up: Matmul
+    down: Matmul
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -124,7 +107,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 class LlamaForward:
-    def __init__(self, model: PreTrainedModel, compile_pointwise: bool = False) -> None:
+    def __init__(self, model: PreTrainedModel, packed: bool = False, compile_pointwise: bool = False) -> None:
         config = model.config
         self.config = config
         self.heads: int = config.num_attention_heads
@@ -155,13 +138,13 @@ class LlamaForward:
             linears = {name: getattr(attention if name[0] in "qkvo" else mlp, name) for name in MODULES}
             linears = {name: getattr(module, "base_layer", module) for name, module in linears.items()}
             self.modules.append(linears)
-            qkv, qkv_bias = _fuse([linears["q_proj"], linears["k_proj"], linears["v_proj"]])
-            gate_up, gate_up_bias = _fuse([linears["gate_proj"], linears["up_proj"]])
             self.layers.append(_Layer(
-                input_norm=layer.input_layernorm.weight, qkv=qkv, qkv_bias=qkv_bias,
-                o=linears["o_proj"].weight, o_bias=linears["o_proj"].bias,
-                post_norm=layer.post_attention_layernorm.weight, gate_up=gate_up, gate_up_bias=gate_up_bias,
-                down=linears["down_proj"].weight, down_bias=linears["down_proj"].bias,
+                input_norm=layer.input_layernorm.weight,
+                qkv=fuse([linears["q_proj"], linears["k_proj"], linears["v_proj"]], packed),
+                o=fuse([linears["o_proj"]], packed),
+                post_norm=layer.post_attention_layernorm.weight,
+                gate_up=fuse([linears["gate_proj"], linears["up_proj"]], packed),
+                down=fuse([linears["down_proj"]], packed),
             ))
         rotary = backbone.rotary_emb
         positions = torch.arange(config.max_position_embeddings, device=self.embed.device)
@@ -193,7 +176,7 @@ class LlamaForward:
         attend = _DecodeAttention(batch, cache, self.heads) if decode else None
         for index, layer in enumerate(self.layers):
             h = self._norm(x, layer.input_norm, self.eps)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            qkv = layer.qkv(h)
             if adapters is not None:
                 self._adapt(adapters, index, h, qkv, ("q_proj", "k_proj", "v_proj"))
             tokens = qkv.shape[0]
@@ -209,7 +192,7 @@ class LlamaForward:
                 rows = slice(chunk.offset, chunk.offset + chunk.length)
                 out[rows] = _chunk_attention(chunk, q[rows], k[rows], v[rows], keys, values)
             attention = out.view(tokens, self.q_size)
-            o = F.linear(attention, layer.o, layer.o_bias)
+            o = layer.o(attention)
             if adapters is not None:
                 adapters.add_lora(index, "o_proj", attention, o)
                 scale = adapters.scale(index, "o_proj")
@@ -217,7 +200,7 @@ class LlamaForward:
                     o *= scale
             x = x + o
             h = self._norm(x, layer.post_norm, self.eps)
-            gate_up = F.linear(h, layer.gate_up, layer.gate_up_bias)
+            gate_up = layer.gate_up(h)
             if adapters is not None:
                 self._adapt(adapters, index, h, gate_up, ("gate_proj", "up_proj"))
             act = self._silu_mul(gate_up)
@@ -225,7 +208,7 @@ class LlamaForward:
                 scale = adapters.scale(index, "down_proj", of_input=True)
                 if scale is not None:
                     act = act * scale
-            down = F.linear(act, layer.down, layer.down_bias)
+            down = layer.down(act)
             if adapters is not None:
                 adapters.add_lora(index, "down_proj", act, down)
                 scale = adapters.scale(index, "down_proj")

@@ -9,6 +9,7 @@ from service.model.gathered import GatheredLora
 from service.model.ia3 import IA3Pool
 from service.model.loading import BaseModel
 from service.model.owned.llama import LlamaForward, unsupported_reason
+from service.model.owned.matmul import packing_available
 from service.model.owned.routing import OwnedAdapters
 from service.model.owned.slot_cache import CacheLimits, CacheShape, SlotCache
 
@@ -34,10 +35,11 @@ def build_owned(base: BaseModel, gathered: GatheredLora, ia3: IA3Pool, limits: C
     if reason is not None:
         logger.info("generation uses the transformers forward: the owned one does not cover %s", reason)
         return None
-    forward = LlamaForward(base.model)
+    forward = LlamaForward(base.model, packed=packing_available(base.dtype, base.device))
     shape = CacheShape.sized(limits, len(forward.layers), forward.kv_heads, forward.head_dim, max_positions,
                              forward.dtype)
     cache = SlotCache(shape, forward.dtype, base.device)
-    logger.info("owned forward: %d slots of %d tokens, cache budget %d tokens (%.0f MiB)", shape.slots,
+    logger.info("owned forward (%s weights): %d slots of %d tokens, cache budget %d tokens (%.0f MiB)",
+                "prepacked" if forward.layers[0].qkv.packed else "dense", shape.slots,
                 shape.slot_tokens, shape.budget_tokens, cache.nbytes_budget() / 2**20)
     return OwnedModel(forward, cache, OwnedAdapters(forward, gathered, ia3), limits.max_batch_tokens)

@@ -7,11 +7,11 @@ a view of the slots in use, never a copy.
 
 The tensors are allocated empty: the operating system commits their pages as rows write them, so the memory in use
 follows the tokens held rather than the slots' full length. Batched attention reads (masked) entries past a row's
-length up to the longest row's, and a masked entry still multiplies by zero: never-written memory could hold NaN
-bit patterns, so each slot is zeroed ahead of use, in strides, up to the span a step reads (``ensure_finite``). Admission is by a token budget (the sum of what every
-admitted row may grow to), which is what bounds that memory; a slot is long enough for the longest row a request
-may ask for. Free slots are handed out lowest first, so rows stay packed at the start and the span a step attends
-over stays short.
+length up to the longest row's, and a masked entry still multiplies by zero: never-written memory could hold NaN bit
+patterns, so each slot is zeroed ahead of use, in strides, up to the span a step reads (``ensure_finite``).
+Admission is by a token budget (the sum of what every admitted row may grow to), which is what bounds that memory; a
+slot is long enough for the longest row a request may ask for. Free slots are handed out lowest first, so rows stay
+packed at the start and the span a step attends over stays short.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import heapq
 from dataclasses import dataclass
 
 import torch
-
 
 _ZERO_STRIDE = 64  # entries zeroed past the current need at once, so zeroing runs once every so many steps
 

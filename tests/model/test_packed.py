@@ -1,0 +1,65 @@
+"""bf16 on a CPU with oneDNN: the owned forward's weights are prepacked and held once, and both paths still give
+the plain model's answers (the HF modules compute through the packed matrices)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from service.domain import GenerationParams
+from service.model.generation import generate
+from service.model.loading import load_base_model
+from service.model.owned.matmul import packing_available
+from service.model.runner import GenerationJob, ModelRunner
+from service.settings import Settings
+from service.store.store import AdapterStore
+from tests.conftest import TINY_ID
+
+pytestmark = pytest.mark.skipif(not packing_available(torch.bfloat16, torch.device("cpu")),
+                                reason="this CPU build of torch has no oneDNN weight packing")
+
+
+@pytest.fixture(scope="module")
+def bf16_runner(tiny_base: Path) -> ModelRunner:
+    loaded = load_base_model(Settings(base_model=str(tiny_base), base_model_aliases=[TINY_ID], dtype="bfloat16"))
+    return ModelRunner(loaded)
+
+
+def test_weights_are_packed_and_held_once(bf16_runner: ModelRunner) -> None:
+    assert bf16_runner.owned is not None
+    layer = bf16_runner.owned.forward.layers[0]
+    assert layer.qkv.packed and layer.gate_up.packed and layer.o.packed and layer.down.packed
+    q_proj = bf16_runner.base.model.model.layers[0].self_attn.q_proj
+    assert q_proj.weight.stride() == (0, 0)  # a placeholder: the dense weights were freed
+
+
+def test_owned_generation_matches_the_plain_model(bf16_runner: ModelRunner, tiny_base: Path) -> None:
+    tokenizer = bf16_runner.base.tokenizer
+    prompts = ["hello there", "a second, longer prompt for the batch"]
+    jobs = [GenerationJob(GenerationParams(prompt=p, max_new_tokens=8), tokenizer(p)["input_ids"]) for p in prompts]
+    got = [g.text for g in generate(bf16_runner, [None, None], jobs)]
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16).eval()
+    for prompt, text in zip(prompts, got):
+        encoded = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            output = model.generate(**encoded, max_new_tokens=8, do_sample=False)
+        assert text == tokenizer.decode(output[0][encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_transformers_path_through_packed_modules_matches_peft(bf16_runner: ModelRunner, tiny_store: Path,
+                                                               tiny_base: Path, tiny_adapters: dict[str, Path]) -> None:
+    store = AdapterStore(tiny_store, bf16_runner.base.names_base)
+    adapter = bf16_runner.load(store.get("lora-cls"))
+    tokenizer = bf16_runner.base.tokenizer
+    text = "classified through the HF modules"
+    got = torch.tensor(bf16_runner.classify([adapter], [tokenizer(text)["input_ids"]])[0])
+    model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(
+        tiny_base, num_labels=len(adapter.info.labels), dtype=torch.bfloat16), tiny_adapters["lora-cls"]).eval()
+    with torch.no_grad():
+        expected = torch.softmax(model(**tokenizer(text, return_tensors="pt")).logits.float(), -1)[0]
+    assert torch.allclose(got, expected, atol=2e-2)
+    bf16_runner.unload(adapter)
