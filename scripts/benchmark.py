@@ -18,6 +18,7 @@ import ctypes.util
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -88,9 +89,9 @@ def make_adapters(base: Path, store: Path, loras: int, prefixes: int, prompts: i
     return names
 
 
-def start_server(store: Path, batching: str, port: int) -> subprocess.Popen:
+def start_server(store: Path, batching: str, port: int, max_loaded: int = 128) -> subprocess.Popen:
     env = {**os.environ, "SERVICE_ADAPTERS_DIR": str(store), "SERVICE_BATCHING": batching,
-           "SERVICE_MAX_BATCH_SIZE": "64", "SERVICE_MAX_WAIT_MS": "10", "SERVICE_MAX_LOADED_ADAPTERS": "128"}
+           "SERVICE_MAX_BATCH_SIZE": "64", "SERVICE_MAX_WAIT_MS": "10", "SERVICE_MAX_LOADED_ADAPTERS": str(max_loaded)}
     process = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"],
                                env=env)
     wait_ready(process, f"http://127.0.0.1:{port}/ready", 300)
@@ -421,6 +422,113 @@ def generation_rows(strategy: str, measure: str, figures: dict[str, float]) -> l
 
 
 CURVE = (1, 4, 16, 64)
+MANY_ADAPTERS = 1000
+MANY_RESIDENT = 64
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The process's peak resident memory (VmHWM), children included for a process group leader's tree."""
+    total = 0
+    for candidate in [pid, *_children(pid)]:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{candidate}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) * 1024
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                for child in (task / "children").read_text().split():
+                    found += [int(child), *_children(int(child))]
+    return found
+
+
+def copy_lora(source: Path, target: Path, seed: int) -> None:
+    """A new LoRA adapter with the source's config and tensor shapes and its own random weights."""
+    from safetensors.torch import load_file, save_file
+    target.mkdir(parents=True)
+    (target / "adapter_config.json").write_text((source / "adapter_config.json").read_text())
+    generator = torch.Generator().manual_seed(seed)
+    weights = {key: torch.randn(tensor.shape, generator=generator) * 0.02
+               for key, tensor in load_file(str(source / "adapter_model.safetensors")).items()}
+    save_file(weights, str(target / "adapter_model.safetensors"))
+
+
+def many_adapters_store(base: Path, count: int) -> tuple[Path, list[str]]:
+    """A store of ``count`` LoRA adapters (r 8 on q/v, about 1.8 MB each in fp32), made from one PEFT save."""
+    store = Path(tempfile.mkdtemp(prefix="bench-many-"))
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, target_modules=["q_proj", "v_proj"],
+                        init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    peft_model.peft_config["default"].base_model_name_or_path = EMBEDDED_MODEL_ID
+    template = store / ".template"
+    peft_model.save_pretrained(template)
+    names = [f"many-lora-{index:04d}" for index in range(count)]
+    for index, name in enumerate(names):
+        copy_lora(template, store / name, index)
+    shutil.rmtree(template)
+    return store, names
+
+
+def cold_load_rows(url: str, names: list[str]) -> list[Row]:
+    """First (cold: the adapter is read and made resident) against second (warm) one-token request per adapter,
+    one at a time; the added latency's median is what a cold load costs a request."""
+    extra: list[float] = []
+    with httpx.Client(base_url=url, timeout=120) as client:
+        for name in names:
+            timings = []
+            for _ in range(2):
+                started = time.perf_counter()
+                response = client.post("/v1/generate", json={"adapter": name, "prompt": "cold or warm",
+                                                              "max_new_tokens": 1})
+                response.raise_for_status()
+                timings.append(time.perf_counter() - started)
+            extra.append(timings[0] - timings[1])
+    p50, p90 = percentile(extra, 0.5) * 1000, percentile(extra, 0.9) * 1000
+    print(f"[ours] cold load adds p50 {p50:.1f} ms, p90 {p90:.1f} ms over a warm request ({len(names)} adapters)",
+          flush=True)
+    return [("ours", "cold LoRA load added latency p50", percentile(extra, 0.5) * 1000, "ms"),
+            ("ours", "cold LoRA load added latency p90", percentile(extra, 0.9) * 1000, "ms")]
+
+
+def many_adapters_rows(base: Path, prompts: list[str], port: int) -> list[Row]:
+    """Cold loads, then Zipf traffic over 1,000 adapters in the store with at most 64 resident."""
+    store, names = many_adapters_store(base, MANY_ADAPTERS)
+    rows: list[Row] = []
+    server = start_server(store, "mixed", port, max_loaded=MANY_RESIDENT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        asyncio.run(drive(url, "/v1/generate", [{"prompt": "warm up", "max_new_tokens": 2}], 1))
+        rows += cold_load_rows(url, names[-32:])
+        rng = random.Random(5)
+        for concurrency in (16, 64):
+            bodies = [{"adapter": pick(rng, names, True), "prompt": p, "max_new_tokens": 32} for p in prompts]
+            figures = asyncio.run(stream_generate(url, bodies, concurrency))
+            print(f"[ours] zipf over {MANY_ADAPTERS} adapters, {MANY_RESIDENT} resident, c={concurrency}: "
+                  f"{figures['tok/s']:.1f} tok/s", flush=True)
+            rows += generation_rows("ours", f"zipf {MANY_ADAPTERS} adapters c={concurrency}", figures)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        shutil.rmtree(store, ignore_errors=True)
+    return rows
+
+
+def memory_gauges(metrics: str) -> dict[str, float]:
+    """The service's own memory gauges from /metrics (bytes)."""
+    wanted = {"service_base_weight_bytes": "base weights", "service_kv_cache_budget_bytes": "KV cache budget",
+              "service_adapter_resident_bytes": "resident adapters"}
+    found: dict[str, float] = {}
+    for line in metrics.splitlines():
+        name, _, value = line.partition(" ")
+        if name in wanted:
+            found[wanted[name]] = float(value)
+    return found
 
 
 def curve_bodies(prompts: list[str], concurrency: int, model: Callable[[], str | None], openai: bool) -> list[dict]:
@@ -460,9 +568,13 @@ def generation_run(store: Path, base: Path, adapters: dict[str, list[str]], prom
         asyncio.run(drive(url, "/v1/generate", warm, 8))
         rows += curve_rows("ours", "base only", url, prompts, lambda: None, openai=False)
         rows += curve_rows("ours", "mixed", url, prompts, lambda: pick(rng, generation, False), openai=False)
+        memory = httpx.get(f"{url}/metrics").text
+        rows.append(("ours", "peak resident memory", peak_rss_bytes(server.pid) / 2**20, "MiB"))
+        rows += [("ours", name, value / 2**20, "MiB") for name, value in memory_gauges(memory).items()]
     finally:
         server.terminate()
         server.wait(timeout=60)
+    rows += many_adapters_rows(base, prompts, _free_port())
     if vllm_python and prefix:
         for label, names, model in (("base only", [], lambda: EMBEDDED_MODEL_ID),
                                     ("mixed", loras, lambda: pick(rng, loras, False))):
@@ -475,6 +587,8 @@ def generation_run(store: Path, base: Path, adapters: dict[str, list[str]], prom
                 warm = [{"model": name, "prompt": "warm up", "max_tokens": 2} for name in (EMBEDDED_MODEL_ID, *names)]
                 asyncio.run(stream_generate(vllm_url, warm, 8, read_openai_stream))
                 rows += curve_rows("vllm", label, vllm_url, prompts, model, openai=True)
+                rows.append(("vllm", f"peak resident memory ({label} server)", peak_rss_bytes(peer.pid) / 2**20,
+                             "MiB"))
             finally:
                 stop_group(peer)
     table = {(strategy, name): value for strategy, name, value, _ in rows}

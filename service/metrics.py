@@ -67,6 +67,10 @@ class Metrics:
             "service_internal_errors_total", "Unexpected errors answered with 500 (where: route or batch).",
             ["where"], registry=r,
         )
+        self.base_weight_bytes = Gauge("service_base_weight_bytes", "Bytes of the base model's weights.", registry=r)
+        self.kv_cache_budget_bytes = Gauge(
+            "service_kv_cache_budget_bytes", "Bytes the owned forward's KV cache may hold (its admission budget).",
+            registry=r)
         self.ready = Gauge("service_ready", "1 once the base model is loaded and the batcher runs.", registry=r)
 
     def adapter_label(self, adapter: str | None) -> str:

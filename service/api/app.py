@@ -46,6 +46,7 @@ async def _boot(state: AppState) -> None:
         store.sweep()
         runner = ModelRunner(base, settings.lora_kernel, settings.forward, cache_limits(settings))
         state.shapes = BaseShapes(base)
+        record_memory(state.metrics, runner)
         service = InferenceService(settings, store, runner, state.executor, state.metrics)
         await service.start()
         state.store, state.inference = store, service
@@ -55,6 +56,21 @@ async def _boot(state: AppState) -> None:
     except Exception as error:
         logger.exception("start-up failed")
         state.phase, state.message = "failed", str(error)
+
+
+def record_memory(metrics: Metrics, runner: ModelRunner) -> None:
+    """The base's weight bytes (each stored tensor counted once) and the owned KV cache's budget."""
+    storages = {}
+    for tensor in list(runner.base.model.parameters()) + list(runner.base.model.buffers()):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    owned = runner.owned
+    if owned is not None:
+        for layer in owned.forward.layers:
+            for matmul in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                weight = matmul.weight
+                storages[weight.data_ptr()] = weight.numel() * weight.element_size()
+        metrics.kv_cache_budget_bytes.set(owned.cache.nbytes_budget())
+    metrics.base_weight_bytes.set(sum(storages.values()))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
