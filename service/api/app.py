@@ -60,15 +60,15 @@ async def _boot(state: AppState) -> None:
 
 def record_memory(metrics: Metrics, runner: ModelRunner) -> None:
     """The base's weight bytes (each stored tensor counted once) and the owned KV cache's budget."""
-    storages = {}
+    storages: dict[int, int] = {}
     for tensor in list(runner.base.model.parameters()) + list(runner.base.model.buffers()):
         storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
     owned = runner.owned
     if owned is not None:
         for layer in owned.forward.layers:
             for matmul in (layer.qkv, layer.o, layer.gate_up, layer.down):
-                weight = matmul.weight
-                storages[weight.data_ptr()] = weight.numel() * weight.element_size()
+                if matmul.packed:  # oneDNN's opaque layout: no storage to share, counted by its elements
+                    storages[id(matmul.weight)] = matmul.weight.numel() * matmul.weight.element_size()
         metrics.kv_cache_budget_bytes.set(owned.cache.nbytes_budget())
     metrics.base_weight_bytes.set(sum(storages.values()))
 

@@ -10,7 +10,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from service.api.app import record_memory
 from service.domain import GenerationParams
+from service.metrics import Metrics
 from service.model.generation import generate
 from service.model.loading import load_base_model
 from service.model.owned.matmul import packing_available
@@ -35,6 +37,16 @@ def test_weights_are_packed_and_held_once(bf16_runner: ModelRunner) -> None:
     assert layer.qkv.packed and layer.gate_up.packed and layer.o.packed and layer.down.packed
     q_proj = bf16_runner.base.model.model.layers[0].self_attn.q_proj
     assert q_proj.weight.stride() == (0, 0)  # a placeholder: the dense weights were freed
+
+
+def test_memory_gauges_count_the_weights_once(bf16_runner: ModelRunner, tiny_base: Path) -> None:
+    metrics = Metrics(10)
+    record_memory(metrics, bf16_runner)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16)
+    plain_bytes = sum(p.numel() * p.element_size() for p in plain.parameters())  # tied weights listed once
+    counted = metrics.base_weight_bytes._value.get()
+    assert 0.95 * plain_bytes <= counted <= 1.15 * plain_bytes  # packed layouts may pad a little
+    assert metrics.kv_cache_budget_bytes._value.get() == bf16_runner.owned.cache.nbytes_budget()
 
 
 def test_owned_generation_matches_the_plain_model(bf16_runner: ModelRunner, tiny_base: Path) -> None:
