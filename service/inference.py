@@ -101,6 +101,9 @@ class InferenceService:
         if info.task is not task:
             raise WrongTask(f"adapter {name!r} is a {info.task.value} adapter; it cannot serve {task.value}: "
                             f"use {info.task.route}")
+        if info.name not in self.resident:
+            # Read and prepare it now, off the model thread, so its load there is only the write into the pools.
+            await asyncio.to_thread(self.runner.prefetch, info)
         return info
 
     async def classify(self, adapter: str | None, texts: Sequence[str]) -> list[Classification]:

@@ -49,8 +49,10 @@ class LoadedAdapter:
     virtual_tokens: torch.Tensor | None = None  # prompt / P-tuning: [P, hidden] embeddings before its tokens
     ia3: Vectors | None = None  # IA3: scaling vectors by module path (held by the runner's IA3 pool)
     pool_name: str | None = None  # its slot name in the runner's IA3 pool
-    # AdaLoRA: (base layer, A', B') handed to the gathered pool at load (its slot name is ``peft_name``)
+    # Plain LoRA and AdaLoRA: (base layer, A, scaled B) handed to the gathered pool at load (slot name ``peft_name``)
     pool_entries: list[tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]] | None = None
+    # LoRA that PEFT must host: (config, weights) for the host, added on the model thread at install
+    host_weights: tuple[dict, dict[str, torch.Tensor]] | None = None
 
     @property
     def prompt_length(self) -> int:
@@ -204,6 +206,9 @@ class LoraHost:
     def remove(self, name: str) -> None:
         self._discard(name)
 
+    def hosts(self, name: str) -> bool:
+        return self.peft_model is not None and name in self.peft_model.peft_config
+
     def _discard(self, name: str) -> None:
         if self.peft_model is not None and name in self.peft_model.peft_config:
             self.peft_model.delete_adapter(name)
@@ -285,10 +290,10 @@ def check_lora_weights(name: str, config: dict, weights: dict[str, torch.Tensor]
         )
 
 
-def load_adapter(info: AdapterInfo, base: BaseModel, lora_host: LoraHost, peft_name: str,
-                 direct_lora: bool = True) -> LoadedAdapter:
-    """Read an adapter folder and make it resident: plain LoRA straight into the pool (``direct_lora``), other LoRA
-    into the PEFT host, prefix key/values and head computed."""
+def prepare_adapter(info: AdapterInfo, base: BaseModel, peft_name: str, direct_lora: bool = True) -> LoadedAdapter:
+    """Read and check an adapter folder and compute everything it needs (prefix key/values, head, pool entries:
+    plain LoRA straight for the pool with ``direct_lora``), touching nothing shared: it may run off the model
+    thread. The runner's ``install`` then puts it into the pools (and PEFT's host, for LoRA only PEFT computes)."""
     path = Path(info.path)
     config_dict = read_config(path)
     weights = {base.family.local_key(key): tensor for key, tensor in read_adapter_weights(path).items()}
@@ -324,5 +329,5 @@ def load_adapter(info: AdapterInfo, base: BaseModel, lora_host: LoraHost, peft_n
     entries = direct_entries(config_dict, weights, base, info.name) if direct_lora else None
     if entries is not None:
         return LoadedAdapter(info=info, head=head, peft_name=peft_name, vocabulary=vocabulary, pool_entries=entries)
-    lora_host.add(peft_name, config_dict, weights)
-    return LoadedAdapter(info=info, head=head, peft_name=peft_name, vocabulary=vocabulary)
+    return LoadedAdapter(info=info, head=head, peft_name=peft_name, vocabulary=vocabulary,
+                         host_weights=(config_dict, weights))

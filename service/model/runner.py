@@ -16,7 +16,7 @@ import torch
 
 from service.domain import AdapterInfo, GenerationParams
 from service.errors import InvalidRequest
-from service.model.adapters import LoadedAdapter, LoraHost, load_adapter
+from service.model.adapters import LoadedAdapter, LoraHost, prepare_adapter
 from service.model.compat import cache_keyword
 from service.model.gathered import GatheredLora
 from service.model.ia3 import IA3Pool
@@ -25,6 +25,9 @@ from service.model.loading import BaseModel
 from service.model.owned.model import OwnedModel, build_owned
 from service.model.owned.slot_cache import CacheLimits
 from service.model.prompt_tuning import virtual_ids, virtual_index
+
+
+_PREFETCHED_KEPT = 16  # adapters prepared ahead of their load, at most
 
 
 @dataclass
@@ -71,6 +74,8 @@ class ModelRunner:
         self.gathered = GatheredLora()
         self.ia3 = IA3Pool(base)
         self._peft_names = (f"adapter{i}" for i in itertools.count())
+        self._prefetched: dict[tuple[str, str], LoadedAdapter] = {}  # (name, sha256) -> prepared off-thread
+        self._prefetch_lock = threading.Lock()
         config = base.model.config
         self.max_positions: int = base.family.max_positions(config)
         self.eos_token_ids = self._eos_ids()
@@ -98,23 +103,51 @@ class ModelRunner:
 
     # -- adapters -------------------------------------------------------------------------------------------------
 
+    def prefetch(self, info: AdapterInfo) -> None:
+        """Read and prepare an adapter ahead of its load, from any thread but the model's (a request's, while it
+        waits for the batcher), so the model thread only writes it into the pools. Errors are left to the load."""
+        key = (info.name, info.sha256)
+        with self._prefetch_lock:
+            if key in self._prefetched:
+                return
+        try:
+            with torch.no_grad():
+                adapter = prepare_adapter(info, self.base, next(self._peft_names),
+                                          direct_lora=self.lora_kernel == "gathered")
+        except Exception:
+            return
+        with self._prefetch_lock:
+            self._prefetched[key] = adapter
+            while len(self._prefetched) > _PREFETCHED_KEPT:
+                self._prefetched.pop(next(iter(self._prefetched)))
+
     def load(self, info: AdapterInfo) -> LoadedAdapter:
+        with self._prefetch_lock:
+            adapter = self._prefetched.pop((info.name, info.sha256), None)
         # no_grad rather than inference_mode: PEFT later flips requires_grad on these tensors when switching.
         with torch.no_grad():
-            adapter = load_adapter(info, self.base, self.lora_host, next(self._peft_names),
-                                   direct_lora=self.lora_kernel == "gathered")
+            if adapter is None:
+                adapter = prepare_adapter(info, self.base, next(self._peft_names),
+                                          direct_lora=self.lora_kernel == "gathered")
             try:
-                if adapter.pool_entries is not None:
-                    self.gathered.add_entries(adapter.peft_name, adapter.pool_entries)
-                    adapter.pool_entries = None  # the pool holds its own copy
-                elif adapter.peft_name is not None:
-                    self.gathered.add(self.lora_host.peft_model, adapter.peft_name)
-                if adapter.ia3 is not None:
-                    self.ia3.add(adapter.pool_name, adapter.ia3)
+                self._install(adapter)
             except Exception:
                 self.unload(adapter)  # nothing of a half-loaded adapter may stay in the shared model
                 raise
         return adapter
+
+    def _install(self, adapter: LoadedAdapter) -> None:
+        if adapter.host_weights is not None:
+            config, weights = adapter.host_weights
+            adapter.host_weights = None
+            self.lora_host.add(adapter.peft_name, config, weights)
+        if adapter.pool_entries is not None:
+            self.gathered.add_entries(adapter.peft_name, adapter.pool_entries)
+            adapter.pool_entries = None  # the pool holds its own copy
+        elif adapter.peft_name is not None and self.lora_host.hosts(adapter.peft_name):
+            self.gathered.add(self.lora_host.peft_model, adapter.peft_name)
+        if adapter.ia3 is not None:
+            self.ia3.add(adapter.pool_name, adapter.ia3)
 
     def unload(self, adapter: LoadedAdapter) -> None:
         if adapter.pool_name is not None:

@@ -3,6 +3,7 @@ cache's free space, and a fault in one row's adapter mid-prefill failing that ro
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -136,4 +137,21 @@ def test_prefix_keys_are_written_into_the_slot_once(runner: ModelRunner, store: 
     keys = runner.owned.cache.keys[0][row.slot, :, :adapter.num_virtual_tokens]
     assert torch.equal(keys, adapter.prefix[0][0][0])
     engine.abort()
+    runner.unload(adapter)
+
+
+def test_a_prefetched_adapter_loads_without_reading_its_files(runner: ModelRunner, store: AdapterStore,
+                                                              tmp_path: Path) -> None:
+    """Reading and preparing happen at prefetch (a request's thread); the model thread's load only installs."""
+    job = _job(runner, "prefetched", 6)
+    normal = runner.load(store.get("lora-gen"))
+    expected = generate(runner, [normal], [job])[0].text
+    runner.unload(normal)
+    copy = tmp_path / "store"
+    shutil.copytree(store.root / "lora-gen", copy / "lora-gen")
+    info = AdapterStore(copy, runner.base.names_base).get("lora-gen")
+    runner.prefetch(info)
+    shutil.rmtree(copy / "lora-gen")
+    adapter = runner.load(info)
+    assert generate(runner, [adapter], [_job(runner, "prefetched", 6)])[0].text == expected
     runner.unload(adapter)
