@@ -26,7 +26,6 @@ from service.model.owned.model import OwnedModel, build_owned
 from service.model.owned.slot_cache import CacheLimits
 from service.model.prompt_tuning import virtual_ids, virtual_index
 
-
 _PREFETCHED_KEPT = 16  # adapters prepared ahead of their load, at most
 
 
