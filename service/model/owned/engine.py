@@ -28,6 +28,8 @@ from service.model.runner import GenerationJob, ModelRunner
 
 logger = logging.getLogger(__name__)
 
+_PREFILL_FLOOR = 64  # prompt tokens a step may carry however few rows decode
+
 
 @dataclass(eq=False)
 class _Row(RowState):
@@ -129,6 +131,10 @@ class OwnedEngine:
         """The step's decode rows (by slot) and prompt chunks (row, tokens) within the token budget."""
         decode = sorted((row for row in self._rows if not row.prefilling), key=lambda row: row.slot)
         budget = self._owned.max_batch_tokens - len(decode)
+        if decode:
+            # A step costs about its token count: prompt tokens at most as many as decode rows (or a small floor)
+            # keep a step carrying prefill within about twice a plain decode step, for the streaming rows.
+            budget = min(budget, max(len(decode), _PREFILL_FLOOR))
         chunks: list[tuple[_Row, int]] = []
         for row in self._rows:
             if not row.prefilling:
