@@ -87,10 +87,10 @@ class OwnedEngine:
             _Row(handle=handle, adapter=adapter, job=job, generator=new_generator(job.params.seed, device))
             for handle, adapter, job in admitted
         ]
-        self._drop_cancelled(events)
-        self._claim_slots(events)
-        if self._rows:
-            with torch.inference_mode():
+        with torch.inference_mode():
+            self._drop_cancelled(events)
+            self._claim_slots(events)
+            if self._rows:
                 self._run_isolating(self._plan(), events)
         return events
 
@@ -115,6 +115,7 @@ class OwnedEngine:
             self._waiting.pop(0)
             adapter = row.adapter
             row.slot = slot
+            self._owned.adapters.admit(slot, adapter)
             row.inputs = list(row.job.prompt_ids)
             if adapter is not None and adapter.virtual_tokens is not None:
                 row.inputs = virtual_ids(adapter.prompt_length) + row.inputs
@@ -214,14 +215,9 @@ class OwnedEngine:
         embeddings = self._embed(torch.tensor(ids, device=device), rows, counts)
         batch = StepBatch(embeddings, torch.tensor(positions, device=device),
                           torch.tensor([row.slot for row in decode], dtype=torch.long, device=device), batch_chunks)
-        step_adapters = owned.adapters.for_step([row.adapter for row in decode],
-                                                [(row.adapter, count) for row, count in chunks], id(self))
-        try:
-            hidden = owned.forward(batch, owned.cache, step_adapters,
-                                   torch.tensor(wanted, dtype=torch.long, device=device))
-        finally:
-            if step_adapters is not None:
-                step_adapters.finish()
+        step_adapters = owned.adapters.for_step([row.adapter for row in decode], [row.slot for row in decode],
+                                                [(row.adapter, count) for row, count in chunks])
+        hidden = owned.forward(batch, owned.cache, step_adapters, torch.tensor(wanted, dtype=torch.long, device=device))
         sampling = decode + finishing
         tokens: list[int] = []
         if sampling:

@@ -42,4 +42,4 @@ def build_owned(base: BaseModel, gathered: GatheredLora, ia3: IA3Pool, limits: C
     logger.info("owned forward (%s weights): %d slots of %d tokens, cache budget %d tokens (%.0f MiB)",
                 "prepacked" if forward.layers[0].qkv.packed else "dense", shape.slots,
                 shape.slot_tokens, shape.budget_tokens, cache.nbytes_budget() / 2**20)
-    return OwnedModel(forward, cache, OwnedAdapters(forward, gathered, ia3), limits.max_batch_tokens)
+    return OwnedModel(forward, cache, OwnedAdapters(forward, gathered, ia3, shape.slots), limits.max_batch_tokens)

@@ -1,14 +1,16 @@
 """Per-row adapters inside the owned forward: which pool slot each row's tokens use, per layer and module.
 
 The resident pools (gathered LoRA, IA3) stay the single home of adapter tensors; this maps the owned forward's
-(layer, module) to their stacks and gives each step the rows' slots. Decode rows (one token each) use the pool's
-gathered per-row matmuls, kept across steps while the rows stay the same; a prompt chunk (many tokens of one row)
-uses its adapter's matrices directly.
+(layer, module) to their stacks and gives each step the rows' slots. A prompt chunk (many tokens of one row) uses
+its adapter's matrices directly. Decode rows (one token each) read their LoRA matrices from ``RowLora``: a copy per
+cache slot, written when a row is admitted, so a step takes a view of the rows' span like the KV cache does, where
+gathering every row's matrices again whenever a row joined or left cost more than the LoRA matmuls themselves.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -26,10 +28,11 @@ _INPUT_SCALED = ("down_proj",)
 class OwnedAdapters:
     """The pools as the owned forward sees them."""
 
-    def __init__(self, forward: LlamaForward, gathered: GatheredLora, ia3: IA3Pool) -> None:
+    def __init__(self, forward: LlamaForward, gathered: GatheredLora, ia3: IA3Pool, slots: int) -> None:
         self.forward = forward
         self.gathered = gathered
         self.ia3 = ia3
+        self.rows = RowLora(slots)
         self._layer_ids = {id(module) for modules in forward.modules for module in modules.values()}
         self._paths = [{name: f"model.layers.{index}.{'self_attn' if name[0] in 'qkvo' else 'mlp'}.{name}"
                         for name in MODULES} for index in range(len(forward.modules))]
@@ -53,54 +56,98 @@ class OwnedAdapters:
                     return False
         return True
 
-    def for_step(self, decode: Sequence[LoadedAdapter | None], chunks: Sequence[tuple[LoadedAdapter | None, int]],
-                 repeated_key: object) -> StepAdapters | None:
-        """The step's routing: decode rows' adapters, then each chunk's adapter and token count."""
+    def admit(self, cache_slot: int, adapter: LoadedAdapter | None) -> None:
+        """A row joins in ``cache_slot``: its LoRA matrices (or zeros) are written there for its decode steps."""
+        name = adapter.peft_name if adapter is not None and adapter.peft_name is not None else None
+        self.rows.admit(cache_slot, self.gathered.slots([name])[0] if name in self.gathered else NO_ADAPTER,
+                        self.gathered)
+
+    def for_step(self, decode: Sequence[LoadedAdapter | None], decode_slots: Sequence[int],
+                 chunks: Sequence[tuple[LoadedAdapter | None, int]]) -> StepAdapters | None:
+        """The step's routing: decode rows' adapters (and cache slots, ascending), then each chunk's adapter and
+        token count."""
         adapters = list(decode) + [adapter for adapter, _ in chunks]
         lora = [a.peft_name if a is not None and a.peft_name is not None else None for a in adapters]
         ia3 = [a.pool_name if a is not None and a.ia3 is not None else None for a in adapters]
         if not any(lora) and not any(ia3):
             return None
-        return StepAdapters(self, lora if any(lora) else None, ia3 if any(ia3) else None, len(decode),
-                            [count for _, count in chunks], repeated_key)
+        return StepAdapters(self, lora if any(lora) else None, ia3 if any(ia3) else None, list(decode_slots),
+                            [count for _, count in chunks])
+
+
+class RowLora:
+    """Per cache slot, the LoRA A^T [in, r] and B^T [r, out] of the row running there, for every pooled module."""
+
+    def __init__(self, slots: int) -> None:
+        self._pool_slot = [NO_ADAPTER] * slots  # per cache slot: its row's adapter slot in the pool
+        # by id of the pool's module stack: (the stack, A^T per cache slot, B^T per cache slot)
+        self._rows: dict[int, tuple[Any, torch.Tensor, torch.Tensor]] = {}
+        self._version: int | None = None  # the pool version the copies were made at
+
+    def admit(self, cache_slot: int, pool_slot: int, gathered: GatheredLora) -> None:
+        self._pool_slot[cache_slot] = pool_slot
+        if self._version != gathered.version:
+            return  # copied whole at the next step
+        for stack, a_rows, b_rows in self._rows.values():
+            a_rows[cache_slot] = stack.a[pool_slot].T
+            b_rows[cache_slot] = stack.b[pool_slot].T
+
+    def view(self, stack: object, gathered: GatheredLora, low: int, high: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows' A^T and B^T for cache slots low..high-1 (copied anew after the pool changed)."""
+        if self._version != gathered.version:
+            self._rows.clear()
+            self._version = gathered.version
+        rows = self._rows.get(id(stack))
+        if rows is None:
+            slots = torch.tensor(self._pool_slot, device=stack.a.device)
+            rows = (stack, stack.a.index_select(0, slots).transpose(1, 2).contiguous(),
+                    stack.b.index_select(0, slots).transpose(1, 2).contiguous())
+            self._rows[id(stack)] = rows
+        return rows[1][low:high], rows[2][low:high]
 
 
 class StepAdapters:
     def __init__(self, owned: OwnedAdapters, lora: list[str | None] | None, ia3: list[str | None] | None,
-                 decode_rows: int, chunk_tokens: list[int], repeated_key: object) -> None:
+                 decode_slots: list[int], chunk_tokens: list[int]) -> None:
         self._owned = owned
         device = owned.forward.embed.device
+        decode_rows = len(decode_slots)
         self._decode_rows = decode_rows
         self._chunk_tokens = chunk_tokens
         self._lora_slots: list[int] = []
-        self._decode_lora: torch.Tensor | None = None
-        self._key = None
+        self._decode_lora = False
         if lora is not None:
             self._lora_slots = owned.gathered.slots(lora)
-            decode_slots = self._lora_slots[:decode_rows]
-            if any(slot != NO_ADAPTER for slot in decode_slots):
-                self._decode_lora = torch.tensor(decode_slots, device=device)
-                self._key = (repeated_key, tuple(decode_slots), owned.gathered.version)
+            self._decode_lora = any(slot != NO_ADAPTER for slot in self._lora_slots[:decode_rows])
+        if self._decode_lora:
+            self._low, high = decode_slots[0], decode_slots[-1] + 1
+            self._span = high - self._low
+            self._index = torch.tensor([slot - self._low for slot in decode_slots], device=device)
+            self._dense = self._span == decode_rows
         self._token_ia3: torch.Tensor | None = None
         if ia3 is not None:
             slots = owned.ia3.slots(ia3)
             counts = [1] * decode_rows + chunk_tokens
             self._token_ia3 = torch.repeat_interleave(torch.tensor(slots, device=device),
                                                       torch.tensor(counts, device=device))
-        self._begun: dict[int, object] = {}  # stacks routed for this step's decode rows, by id
 
     def add_lora(self, layer: int, module: str, x: torch.Tensor, out: torch.Tensor) -> None:
         if not self._lora_slots:
             return
-        stack = self._owned.gathered.stack(self._owned.forward.modules[layer][module])
+        gathered = self._owned.gathered
+        stack = gathered.stack(self._owned.forward.modules[layer][module])
         if stack is None:
             return
         decode = self._decode_rows
-        if self._decode_lora is not None:
-            if id(stack) not in self._begun:
-                stack.begin(self._decode_lora, self._key)
-                self._begun[id(stack)] = stack
-            out[:decode] += stack.rows_delta(x[:decode]).to(out.dtype)
+        if self._decode_lora:
+            a_rows, b_rows = self._owned.rows.view(stack, gathered, self._low, self._low + self._span)
+            rows = x[:decode].to(a_rows.dtype)
+            if not self._dense:  # holes (free or prefilling slots) in the span: their rows stay zero
+                spread = rows.new_zeros((self._span, rows.shape[1]))
+                spread[self._index] = rows
+                rows = spread
+            delta = torch.bmm(torch.bmm(rows.unsqueeze(1), a_rows), b_rows).squeeze(1)
+            out[:decode] += (delta if self._dense else delta[self._index]).to(out.dtype)
         offset = decode
         for slot, count in zip(self._lora_slots[decode:], self._chunk_tokens):
             if slot != NO_ADAPTER:
@@ -115,7 +162,3 @@ class StepAdapters:
             return None
         return found[0].index_select(0, self._token_ia3)
 
-    def finish(self) -> None:
-        """Release the pools' per-step routing (their gathered rows are kept for the next step of the same rows)."""
-        for stack in self._begun.values():
-            stack.end(keep=True)
