@@ -53,6 +53,14 @@ class Chunk:
     start: int
     length: int
     offset: int
+    _mask: torch.Tensor | None = None
+
+    def mask(self, device: torch.device) -> torch.Tensor:
+        """Causal over the chunk, after every earlier entry of the row (prefix, earlier chunks); made once a step."""
+        if self._mask is None:
+            rows = torch.arange(self.length, device=device)[:, None] + self.start
+            self._mask = torch.arange(self.start + self.length, device=device)[None, :] <= rows
+        return self._mask
 
 
 @dataclass
@@ -279,7 +287,6 @@ def _chunk_attention(chunk: Chunk, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     if chunk.start == 0:
         out = F.scaled_dot_product_attention(query, key_view, value_view, is_causal=True, enable_gqa=True)
     else:
-        rows = torch.arange(chunk.length, device=q.device)[:, None] + chunk.start
-        mask = torch.arange(end, device=q.device)[None, :] <= rows
-        out = F.scaled_dot_product_attention(query, key_view, value_view, attn_mask=mask, enable_gqa=True)
+        out = F.scaled_dot_product_attention(query, key_view, value_view, attn_mask=chunk.mask(q.device),
+                                             enable_gqa=True)
     return out[0].transpose(0, 1)
