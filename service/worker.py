@@ -20,7 +20,7 @@ from service.metrics import Metrics
 from service.model.adapters import CONFIG_FILE, WEIGHTS_FILE, LoadedAdapter
 from service.model.buckets import length_buckets
 from service.model.events import DoneEvent, FailedEvent, TokenEvent
-from service.model.generation import Engines, generate
+from service.model.generation import Engines, generate, too_large
 from service.model.resident import ResidentAdapters
 from service.model.runner import GenerationJob, ModelRunner
 from service.quarantine import Quarantine, adapter_failed
@@ -115,9 +115,7 @@ class BatchWorker:
         events: list[StepEvent] = [(admitted[index][0], "error", error) for index, error in failures.items()]
         for index, ((handle, payload), adapter) in enumerate(zip(admitted, adapters)):
             if index not in failures and not self.engine.fits(adapter, payload.job):
-                failures[index] = InvalidRequest(
-                    "this request may grow to more tokens (prompt, the adapter's virtual tokens and max_new_tokens) "
-                    "than the KV cache holds; lower max_new_tokens or the prompt, or raise SERVICE_KV_CACHE_BYTES")
+                failures[index] = too_large()
                 events.append((handle, "error", failures[index]))
         ready = [
             (handle, adapter, payload.job)
@@ -183,6 +181,8 @@ class BatchWorker:
 
     def _forward_failed(self, adapter: LoadedAdapter | None, error: Exception) -> Exception:
         """The error for rows whose group failed alone: quarantine their adapter, or a 500 for base rows."""
+        if isinstance(error, InvalidRequest):  # the request's own size, not a fault of the adapter
+            return error
         if adapter is None:
             return self._internal(error, "batch")
         if isinstance(error, (torch.OutOfMemoryError, MemoryError)):  # the machine's state, not the adapter's fault

@@ -9,11 +9,18 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Sequence
 
 from service.domain import Generation
+from service.errors import InvalidRequest
 from service.model.adapters import LoadedAdapter
 from service.model.engine import GenerationEngine
 from service.model.events import Admission, DoneEvent, Event, FailedEvent
 from service.model.owned.engine import OwnedEngine
 from service.model.runner import GenerationJob, ModelRunner
+
+
+def too_large() -> InvalidRequest:
+    return InvalidRequest(
+        "this request may grow to more tokens (prompt, the adapter's virtual tokens and max_new_tokens) than the KV "
+        "cache holds; lower max_new_tokens or the prompt, or raise SERVICE_KV_CACHE_BYTES")
 
 
 class Engines:
@@ -44,7 +51,9 @@ class Engines:
     def step(self, admitted: Sequence[Admission] = ()) -> list[Event]:
         owned = [entry for entry in admitted if self.takes(entry[1])]
         other = [entry for entry in admitted if not self.takes(entry[1])]
-        events: list[Event] = []
+        events: list[Event] = [FailedEvent(handle, adapter, too_large()) for handle, adapter, job in owned
+                               if not self.owned.fits(adapter, job)]
+        owned = [entry for entry in owned if self.owned.fits(entry[1], entry[2])]
         if self.owned is not None and (owned or self.owned.active):
             events += self.owned.step(owned)
         if other or self.transformers.active:

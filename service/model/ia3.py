@@ -126,13 +126,10 @@ class IA3Pool:
     def paths_of(self, name: str) -> set[str]:
         return self._paths_of.get(name, set())
 
-    def scales(self, module_path: str) -> tuple[torch.Tensor, bool] | None:
-        """The [slots, features] vectors of a module (and whether they scale its input), if any adapter has one."""
-        for scales_input in (False, True):
-            stack = self._stacks.get((module_path, scales_input))
-            if stack is not None:
-                return stack.scales, scales_input
-        return None
+    def scales(self, module_path: str, scales_input: bool) -> torch.Tensor | None:
+        """The [slots, features] vectors scaling a module's input (or its output), if any adapter has them."""
+        stack = self._stacks.get((module_path, scales_input))
+        return None if stack is None else stack.scales
 
     def slots(self, names: Sequence[str | None]) -> list[int]:
         return self._slots.rows(names)

@@ -72,7 +72,7 @@ class ModelRunner:
         self.lora_kernel = lora_kernel  # "gathered" (stacked weights) or "peft" (PEFT's adapter_names loop)
         self.gathered = GatheredLora()
         self.ia3 = IA3Pool(base)
-        self._peft_names = (f"adapter{i}" for i in itertools.count())
+        self._adapter_numbers = itertools.count()  # next() on a count is atomic: prefetch threads share it
         self._prefetched: dict[tuple[str, str], LoadedAdapter] = {}  # (name, sha256) -> prepared off-thread
         self._prefetch_lock = threading.Lock()
         config = base.model.config
@@ -111,7 +111,7 @@ class ModelRunner:
                 return
         try:
             with torch.no_grad():
-                adapter = prepare_adapter(info, self.base, next(self._peft_names),
+                adapter = prepare_adapter(info, self.base, f"adapter{next(self._adapter_numbers)}",
                                           direct_lora=self.lora_kernel == "gathered")
         except Exception:
             return
@@ -126,7 +126,7 @@ class ModelRunner:
         # no_grad rather than inference_mode: PEFT later flips requires_grad on these tensors when switching.
         with torch.no_grad():
             if adapter is None:
-                adapter = prepare_adapter(info, self.base, next(self._peft_names),
+                adapter = prepare_adapter(info, self.base, f"adapter{next(self._adapter_numbers)}",
                                           direct_lora=self.lora_kernel == "gathered")
             try:
                 self._install(adapter)
@@ -356,6 +356,9 @@ class ModelRunner:
         E ~ Exp(1), which draws from p) with each seeded row's noise from its own generator, so a seed gives the
         same tokens whatever else shares the batch.
         """
+        if not bool(torch.isfinite(logits).all()):
+            # Raised so the step is retried one adapter's rows at a time and the adapter giving them is quarantined.
+            raise FloatingPointError("the model gave non-finite logits (NaN or inf)")
         tokens = logits.argmax(dim=-1)
         sampled = [index for index, (params, _) in enumerate(rows) if params.temperature > 0.0]
         if sampled:
@@ -387,6 +390,8 @@ class ModelRunner:
             return "cancelled"
         row.generated.append(token)
         if token in self.eos_token_ids:
+            if row.read_offset < len(row.generated) - 1:  # text held back for a split character: give it as is
+                row.text += self._new_text(row, final=True)
             return "eos"
         before = len(row.text)
         row.text += self._new_text(row, final=len(row.generated) >= params.max_new_tokens)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from service.domain import GenerationParams
+from service.errors import InvalidRequest
 from service.model.events import DoneEvent, FailedEvent
 from service.model.generation import Engines, generate
 from service.model.loading import load_base_model
@@ -19,7 +20,7 @@ from service.model.owned.slot_cache import CacheShape, SlotCache
 from service.model.runner import GenerationJob, ModelRunner
 from service.settings import Settings
 from service.store.store import AdapterStore
-from tests.conftest import TINY_ID
+from tests.conftest import TINY_ID, make_adapter
 
 ROWS = [("lora-gen", "hello world", 6), ("prefix-gen", "a longer prompt for the prefix row", 9), (None, "base", 7),
         ("prompt-gen", "prompt tuned", 5), ("ia3-gen", "ia3 row", 6), ("ia3-attn-gen", "scales an input", 5),
@@ -155,3 +156,50 @@ def test_a_prefetched_adapter_loads_without_reading_its_files(runner: ModelRunne
     adapter = runner.load(info)
     assert generate(runner, [adapter], [_job(runner, "prefetched", 6)])[0].text == expected
     runner.unload(adapter)
+
+
+def test_ia3_input_and_output_scales_of_one_module_coexist(runner: ModelRunner, transformers_runner: ModelRunner,
+                                                          store: AdapterStore, tiny_base: Path,
+                                                          tmp_path: Path) -> None:
+    """PEFT's Llama default scales down_proj's input; another adapter scaling its output must not hide that."""
+    make_adapter(tiny_base, tmp_path / "ia3-down-out", "ia3", "gen", seed=21, target_modules=["down_proj"],
+                 feedforward_modules=[])
+    other_store = AdapterStore(tmp_path, runner.base.names_base)
+    job = _job(runner, "scaled twice over", 8)
+    alone = runner.load(store.get("ia3-gen"))
+    expected = generate(runner, [alone], [job])[0].text
+    other = runner.load(other_store.get("ia3-down-out"))
+    try:
+        assert generate(runner, [alone], [_job(runner, "scaled twice over", 8)])[0].text == expected
+        reference = transformers_runner.load(store.get("ia3-gen"))
+        assert generate(transformers_runner, [reference], [_job(runner, "scaled twice over", 8)])[0].text == expected
+        transformers_runner.unload(reference)
+    finally:
+        runner.unload(other)
+        runner.unload(alone)
+
+
+def test_a_request_the_cache_can_never_hold_fails_instead_of_waiting(runner: ModelRunner,
+                                                                     small_cache: SlotCache) -> None:
+    with pytest.raises(InvalidRequest, match="KV cache"):
+        generate(runner, [None], [_job(runner, "far too long for this cache", 39)])
+
+
+def test_a_released_slot_is_zeroed_again_before_the_next_row_reads_it(small_cache: SlotCache) -> None:
+    slot = small_cache.claim(10)
+    assert slot is not None
+    small_cache.mark_written(slot, 10)
+    small_cache.keys[0][slot, :, :10] = float("nan")  # what a broken adapter's row may leave behind
+    small_cache.release(slot)
+    again = small_cache.claim(4)
+    assert again == slot
+    small_cache.mark_written(slot, 4)
+    small_cache.ensure_finite(slot, slot + 1, 10)
+    assert torch.isfinite(small_cache.keys[0][slot, :, 4:10]).all()
+
+
+def test_non_finite_logits_fail_the_step(runner: ModelRunner) -> None:
+    logits = torch.zeros(2, 8)
+    logits[1, 3] = float("nan")
+    with pytest.raises(FloatingPointError):
+        runner.sample(logits, [(GenerationParams(prompt="x"), None)] * 2)

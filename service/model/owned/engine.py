@@ -29,6 +29,7 @@ from service.model.runner import GenerationJob, ModelRunner
 logger = logging.getLogger(__name__)
 
 _PREFILL_FLOOR = 64  # prompt tokens a step may carry however few rows decode
+_PREFILL_MIN = 16  # prompt tokens a step carries even when the decode rows fill the token budget
 
 
 @dataclass(eq=False)
@@ -131,7 +132,7 @@ class OwnedEngine:
     def _plan(self) -> tuple[list[_Row], list[tuple[_Row, int]]]:
         """The step's decode rows (by slot) and prompt chunks (row, tokens) within the token budget."""
         decode = sorted((row for row in self._rows if not row.prefilling), key=lambda row: row.slot)
-        budget = self._owned.max_batch_tokens - len(decode)
+        budget = max(self._owned.max_batch_tokens - len(decode), min(_PREFILL_MIN, self._owned.max_batch_tokens))
         if decode:
             # A step costs about its token count: prompt tokens at most as many as decode rows (or a small floor)
             # keep a step carrying prefill within about twice a plain decode step, for the streaming rows.

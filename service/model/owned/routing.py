@@ -88,9 +88,12 @@ class RowLora:
         self._pool_slot[cache_slot] = pool_slot
         if self._version != gathered.version:
             return  # copied whole at the next step
-        for stack, a_rows, b_rows in self._rows.values():
-            a_rows[cache_slot] = stack.a[pool_slot].T
-            b_rows[cache_slot] = stack.b[pool_slot].T
+        try:
+            for stack, a_rows, b_rows in self._rows.values():
+                a_rows[cache_slot] = stack.a[pool_slot].T
+                b_rows[cache_slot] = stack.b[pool_slot].T
+        except RuntimeError:  # a stack changed shape without a new pool version (a failed pool write): copy anew
+            self._version = None
 
     def view(self, stack: object, gathered: GatheredLora, low: int, high: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows' A^T and B^T for cache slots low..high-1 (copied anew after the pool changed)."""
@@ -157,8 +160,6 @@ class StepAdapters:
     def scale(self, layer: int, module: str, of_input: bool = False) -> torch.Tensor | None:
         if self._token_ia3 is None:
             return None
-        found = self._owned.ia3.scales(self._owned._paths[layer][module])
-        if found is None or found[1] != of_input:
-            return None
-        return found[0].index_select(0, self._token_ia3)
+        scales = self._owned.ia3.scales(self._owned._paths[layer][module], of_input)
+        return None if scales is None else scales.index_select(0, self._token_ia3)
 

@@ -95,6 +95,9 @@ class SlotCache:
     def release(self, slot: int) -> None:
         if self._reserved.pop(slot, None) is not None:
             heapq.heappush(self._free, slot)
+            # Whatever the row left (inf or NaN from a broken adapter included) is zeroed again before the next
+            # row's steps read past its own length: a masked NaN still poisons attention.
+            self._finite[slot] = 0
 
     def mark_written(self, slot: int, end: int) -> None:
         """Entries before ``end`` of the slot are (about to be) written by its row."""
