@@ -138,6 +138,8 @@ class LlamaForward:
             "v_proj": slice(self.q_size + self.kv_size, self.q_size + 2 * self.kv_size),
             "gate_proj": slice(0, self.intermediate),
             "up_proj": slice(self.intermediate, 2 * self.intermediate),
+            "o_proj": slice(None),  # unfused: the whole output
+            "down_proj": slice(None),
         }
         self.layers: list[_Layer] = []
         self.modules: list[dict[str, torch.nn.Linear]] = []  # the HF linears, by layer (adapter pools key on them)
@@ -202,10 +204,7 @@ class LlamaForward:
             attention = out.view(tokens, self.q_size)
             o = layer.o(attention)
             if adapters is not None:
-                adapters.add_lora(index, "o_proj", attention, o)
-                scale = adapters.scale(index, "o_proj")
-                if scale is not None:
-                    o *= scale
+                self._adapt(adapters, index, attention, o, ("o_proj",))
             x = x + o
             h = self._norm(x, layer.post_norm, self.eps)
             gate_up = layer.gate_up(h)
@@ -218,17 +217,15 @@ class LlamaForward:
                     act = act * scale
             down = layer.down(act)
             if adapters is not None:
-                adapters.add_lora(index, "down_proj", act, down)
-                scale = adapters.scale(index, "down_proj")
-                if scale is not None:
-                    down *= scale
+                self._adapt(adapters, index, act, down, ("down_proj",))
             x = x + down
         return self._norm(x[wanted], self.final_norm, self.eps)
 
-    def _adapt(self, adapters: StepAdapters, layer: int, x: torch.Tensor, fused: torch.Tensor,
+    def _adapt(self, adapters: StepAdapters, layer: int, x: torch.Tensor, output: torch.Tensor,
                names: tuple[str, ...]) -> None:
+        """Each module's LoRA delta, then its IA3 output scale, in place on its slice of ``output``."""
         for name in names:
-            part = fused[:, self.slices[name]]
+            part = output[:, self.slices[name]]
             adapters.add_lora(layer, name, x, part)
             scale = adapters.scale(layer, name)
             if scale is not None:
