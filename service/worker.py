@@ -20,7 +20,7 @@ from service.metrics import Metrics
 from service.model.adapters import CONFIG_FILE, WEIGHTS_FILE, LoadedAdapter
 from service.model.buckets import length_buckets
 from service.model.events import DoneEvent, FailedEvent, TokenEvent
-from service.model.generation import Engines, generate, too_large
+from service.model.generation import Engines, generate
 from service.model.resident import ResidentAdapters
 from service.model.runner import GenerationJob, ModelRunner
 from service.quarantine import Quarantine, adapter_failed
@@ -113,10 +113,6 @@ class BatchWorker:
         held = {adapter.info.name for adapter in self.engine.adapters_in_use()}
         adapters, failures = self._acquire_each([payload.info for _, payload in admitted], held)
         events: list[StepEvent] = [(admitted[index][0], "error", error) for index, error in failures.items()]
-        for index, ((handle, payload), adapter) in enumerate(zip(admitted, adapters)):
-            if index not in failures and not self.engine.fits(adapter, payload.job):
-                failures[index] = too_large()
-                events.append((handle, "error", failures[index]))
         ready = [
             (handle, adapter, payload.job)
             for index, ((handle, payload), adapter) in enumerate(zip(admitted, adapters)) if index not in failures
@@ -133,6 +129,8 @@ class BatchWorker:
                 events.append((event.handle, "result", event.generation))
             elif isinstance(event, TokenEvent):
                 events.append((event.handle, "partial", event.text))
+            elif isinstance(event.error, InvalidRequest):  # the request's own size (never fits the cache)
+                events.append((event.handle, "error", event.error))
             else:
                 key = id(event.adapter)
                 if key not in failed:

@@ -44,16 +44,18 @@ class Engines:
         """Whether the owned engine serves this adapter's rows."""
         return self.owned is not None and self.runner.owned.adapters.serves(adapter)
 
-    def fits(self, adapter: LoadedAdapter | None, job: GenerationJob) -> bool:
-        """Whether the request could ever be admitted (its rows fit the owned engine's cache)."""
-        return not self.takes(adapter) or self.owned.fits(adapter, job)
-
     def step(self, admitted: Sequence[Admission] = ()) -> list[Event]:
-        owned = [entry for entry in admitted if self.takes(entry[1])]
-        other = [entry for entry in admitted if not self.takes(entry[1])]
-        events: list[Event] = [FailedEvent(handle, adapter, too_large()) for handle, adapter, job in owned
-                               if not self.owned.fits(adapter, job)]
-        owned = [entry for entry in owned if self.owned.fits(entry[1], entry[2])]
+        """One step of both engines; an owned-path request its cache could never hold fails at once (400)."""
+        owned: list[Admission] = []
+        other: list[Admission] = []
+        events: list[Event] = []
+        for handle, adapter, job in admitted:
+            if not self.takes(adapter):
+                other.append((handle, adapter, job))
+            elif self.owned.fits(adapter, job):
+                owned.append((handle, adapter, job))
+            else:
+                events.append(FailedEvent(handle, adapter, too_large()))
         if self.owned is not None and (owned or self.owned.active):
             events += self.owned.step(owned)
         if other or self.transformers.active:
