@@ -110,9 +110,7 @@ class ModelRunner:
             if key in self._prefetched:
                 return
         try:
-            with torch.no_grad():
-                adapter = prepare_adapter(info, self.base, f"adapter{next(self._adapter_numbers)}",
-                                          direct_lora=self.lora_kernel == "gathered")
+            adapter = self._prepare(info)
         except Exception:
             return
         with self._prefetch_lock:
@@ -123,17 +121,21 @@ class ModelRunner:
     def load(self, info: AdapterInfo) -> LoadedAdapter:
         with self._prefetch_lock:
             adapter = self._prefetched.pop((info.name, info.sha256), None)
-        # no_grad rather than inference_mode: PEFT later flips requires_grad on these tensors when switching.
-        with torch.no_grad():
+        with torch.no_grad():  # as in ``_prepare``
             if adapter is None:
-                adapter = prepare_adapter(info, self.base, f"adapter{next(self._adapter_numbers)}",
-                                          direct_lora=self.lora_kernel == "gathered")
+                adapter = self._prepare(info)
             try:
                 self._install(adapter)
             except Exception:
                 self.unload(adapter)  # nothing of a half-loaded adapter may stay in the shared model
                 raise
         return adapter
+
+    def _prepare(self, info: AdapterInfo) -> LoadedAdapter:
+        # no_grad rather than inference_mode: PEFT later flips requires_grad on these tensors when switching.
+        with torch.no_grad():
+            return prepare_adapter(info, self.base, f"adapter{next(self._adapter_numbers)}",
+                                   direct_lora=self.lora_kernel == "gathered")
 
     def _install(self, adapter: LoadedAdapter) -> None:
         if adapter.host_weights is not None:
