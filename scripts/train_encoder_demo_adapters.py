@@ -40,6 +40,7 @@ import warnings  # noqa: E402
 from collections.abc import Callable, Iterator, Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import TypeVar  # noqa: E402
 
 import torch  # noqa: E402
 from peft import (  # noqa: E402
@@ -317,32 +318,36 @@ def entity_spans(tags: Sequence[str]) -> set[tuple[int, int, str]]:
 # ------------------------------------------------------------------------------------------------ training
 
 
+T = TypeVar("T")
+
+
+def shuffled_chunks(items: Sequence[T], batch_size: int, rng: random.Random) -> Iterator[list[T]]:
+    """Endless full batches of the items, reshuffled on every pass."""
+    while True:
+        order = list(range(len(items)))
+        rng.shuffle(order)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield [items[i] for i in order[start: start + batch_size]]
+
+
 def sequence_batches(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], batch_size: int,
                      rng: random.Random) -> Iterator[Batch]:
     """Endless shuffled batches of tokenized reviews."""
-    while True:
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            chunk = [examples[i] for i in order[start: start + batch_size]]
-            enc = tokenizer([t for t, _ in chunk], padding=True, return_tensors="pt")
-            yield {**enc, "labels": torch.tensor([y for _, y in chunk])}
+    for chunk in shuffled_chunks(examples, batch_size, rng):
+        enc = tokenizer([t for t, _ in chunk], padding=True, return_tensors="pt")
+        yield {**enc, "labels": torch.tensor([y for _, y in chunk])}
 
 
 def token_batches(tokenizer: PreTrainedTokenizerBase, sentences: Sequence[TaggedSentence], batch_size: int,
                   rng: random.Random) -> Iterator[Batch]:
     """Endless shuffled batches of tokenized sentences with sub-token BIO labels."""
-    while True:
-        order = list(range(len(sentences)))
-        rng.shuffle(order)
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            chunk = [sentences[i] for i in order[start: start + batch_size]]
-            enc = tokenizer([w for w, _ in chunk], is_split_into_words=True, padding=True, return_tensors="pt")
-            labels = torch.full(enc["input_ids"].shape, -100)
-            for row, (_, tags) in enumerate(chunk):
-                aligned = align_labels(enc.word_ids(row), tags)
-                labels[row, : len(aligned)] = torch.tensor(aligned)
-            yield {**enc, "labels": labels}
+    for chunk in shuffled_chunks(sentences, batch_size, rng):
+        enc = tokenizer([w for w, _ in chunk], is_split_into_words=True, padding=True, return_tensors="pt")
+        labels = torch.full(enc["input_ids"].shape, -100)
+        for row, (_, tags) in enumerate(chunk):
+            aligned = align_labels(enc.word_ids(row), tags)
+            labels[row, : len(aligned)] = torch.tensor(aligned)
+        yield {**enc, "labels": labels}
 
 
 def train_loop(model: torch.nn.Module, batches: Iterator[Batch], steps: int, lr: float, name: str,
