@@ -53,16 +53,26 @@ class AdapterInfo:
 
 
 @dataclass(frozen=True)
+class ChatMessage:
+    """One turn of a conversation, rendered with the base's chat template."""
+
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+@dataclass(frozen=True)
 class GenerationParams:
-    """One generation request, already validated."""
+    """One generation request, already validated. With ``messages`` the prompt is the conversation rendered by the
+    base's chat template (``prompt`` unused); with ``chat`` it is ``prompt`` as one user turn."""
 
     prompt: str
-    max_new_tokens: int = 32
+    max_new_tokens: int | None = 32  # None: as many as the base's positions leave after the prompt, up to the limit
     temperature: float = 0.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
     chat: bool = False
+    messages: tuple[ChatMessage, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,12 @@ class WrongTask(ServiceError):
 
 
 class InvalidRequest(ServiceError):
-    """A request that is well-formed JSON but cannot be served as asked (too long an input, say)."""
+    """A request that is well-formed JSON but cannot be served as asked (too long an input, say); ``param`` names
+    the request field at fault when there is one (OpenAI-shaped errors carry it)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class QueueFull(ServiceError):

@@ -10,6 +10,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from concurrent.futures import Executor
+from dataclasses import replace
 from typing import TypeVar
 
 from service.batching.batcher import Batcher, BatchStats
@@ -136,10 +137,23 @@ class InferenceService:
 
     async def prepare_generation(self, adapter: str | None, params: GenerationParams) -> GeneratePayload:
         """Everything that can refuse a generation request, done before any response starts."""
+        self._check_limits(params)
         info = await self.adapter_for(adapter, Task.GENERATION)
         virtual = 0 if info is None else info.num_virtual_tokens or 0
         prompt_ids = self.runner.encode_prompt(params, self.settings.max_input_tokens, virtual)
+        if params.max_new_tokens is None:
+            room = self.runner.max_positions - virtual - len(prompt_ids)
+            params = replace(params, max_new_tokens=min(room, self.settings.max_new_tokens_limit))
         return GeneratePayload(info, GenerationJob(params, prompt_ids))
+
+    def _check_limits(self, params: GenerationParams) -> None:
+        limit = self.settings.max_new_tokens_limit
+        if params.max_new_tokens is not None and params.max_new_tokens > limit:
+            raise InvalidRequest(f"max_new_tokens {params.max_new_tokens} exceeds the limit of {limit}",
+                                 "max_new_tokens")
+        if len(params.stop) > self.settings.max_stop_strings or any(len(s) > 256 for s in params.stop):
+            raise InvalidRequest(f"stop takes at most {self.settings.max_stop_strings} strings of at most 256 "
+                                 "characters", "stop")
 
     async def generate(self, payload: GeneratePayload, on_text: Callable[[str], None] | None = None) -> Generation:
         """Run a prepared request; ``on_text`` receives the text as it is generated (for streaming)."""

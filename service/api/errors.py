@@ -26,11 +26,39 @@ STATUS: dict[type[errors.ServiceError], int] = {
 }
 
 
-def error_response(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+# Routes that answer in OpenAI's error shape, so OpenAI's clients read the message: {"error": {message, type,
+# param, code}}. OpenAI answers 400 where this API says 422.
+OPENAI_PATHS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
+_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                 404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+                 429: "rate_limit_error", 503: "service_unavailable_error", 504: "timeout_error"}
+_OPENAI_CODES = {"AdapterNotFound": "model_not_found", "NotAuthenticated": "invalid_api_key"}
+
+
+def speaks_openai(path: str) -> bool:
+    return path.startswith(OPENAI_PATHS)
+
+
+def openai_error(status: int, kind: str, message: str, param: str | None = None) -> tuple[int, dict]:
+    """The status and body OpenAI's API would give for one of this service's errors."""
+    status = 400 if status == 422 else status
+    kind = "NotAuthenticated" if status == 401 else kind
+    detail = {"message": message, "type": _OPENAI_TYPES.get(status, "server_error"), "param": param,
+              "code": _OPENAI_CODES.get(kind, kind)}
+    return status, {"error": detail}
+
+
+def error_response(
+    status: int, kind: str, message: str, headers: dict[str, str] | None = None, *, path: str = "",
+    param: str | None = None,
+) -> JSONResponse:
+    if speaks_openai(path):
+        status, body = openai_error(status, kind, message, param)
+        return JSONResponse(status_code=status, content=body, headers=headers)
     return JSONResponse(status_code=status, content={"error": kind, "message": message}, headers=headers)
 
 
-def _status_of(error: errors.ServiceError) -> int:
+def status_of(error: errors.ServiceError) -> int:
     for cls in type(error).__mro__:
         if cls in STATUS:
             return STATUS[cls]
@@ -40,17 +68,21 @@ def _status_of(error: errors.ServiceError) -> int:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(errors.ServiceError)
     async def _service_error(request: Request, error: errors.ServiceError) -> JSONResponse:
-        status = _status_of(error)
+        status = status_of(error)
         headers = {"Retry-After": "1"} if status in (429, 503) else None
-        return error_response(status, type(error).__name__, error.message, headers)
+        return error_response(status, type(error).__name__, error.message, headers, path=request.url.path,
+                              param=getattr(error, "param", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in error.errors()
-        )
-        return error_response(422, "InvalidRequest", problems or "malformed request body")
+        problems = [(".".join(str(p) for p in e["loc"] if p != "body") or "body",
+                     "not a parameter this service takes" if e["type"] == "extra_forbidden" else e["msg"])
+                    for e in error.errors()]
+        message = "; ".join(f"{where}: {what}" for where, what in problems)
+        return error_response(422, "InvalidRequest", message or "malformed request body", path=request.url.path,
+                              param=problems[0][0] if problems else None)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        return error_response(error.status_code, "HTTPError", str(error.detail), getattr(error, "headers", None))
+        return error_response(error.status_code, "HTTPError", str(error.detail), getattr(error, "headers", None),
+                              path=request.url.path)

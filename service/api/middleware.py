@@ -50,7 +50,8 @@ class ServiceMiddleware:
             self._metrics(scope).internal_errors.labels(where="route").inc()
             if not status["sent"]:
                 await error_response(
-                    500, "Internal", "internal error; it was logged. Retry, or report it if it persists"
+                    500, "Internal", "internal error; it was logged. Retry, or report it if it persists",
+                    path=scope.get("path", ""),
                 )(scope, receive, send_tracking)
             # Once a response has started nothing more can be said on this connection; streams end themselves
             # with an 'error' event before they get here.
@@ -70,7 +71,7 @@ class ServiceMiddleware:
         if int(declared) <= limit:
             return None
         return error_response(413, "UploadTooLarge" if upload else "RequestTooLarge",
-                              f"the request body is {declared} bytes; the limit is {limit}")
+                              f"the request body is {declared} bytes; the limit is {limit}", path=scope.get("path", ""))
 
     @staticmethod
     def _metrics(scope: Scope) -> Metrics:

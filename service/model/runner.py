@@ -221,19 +221,25 @@ class ModelRunner:
                        encoded["special_tokens_mask"])
 
     def encode_prompt(self, params: GenerationParams, limit: int, virtual: int = 0) -> list[int]:
-        text = params.prompt
-        if params.chat:
-            text = self.base.tokenizer.apply_chat_template(
-                [{"role": "user", "content": params.prompt}], add_generation_prompt=True, tokenize=False
-            )
-        ids = self.encode_text(text, limit, "prompt", virtual)
-        if virtual + len(ids) + params.max_new_tokens > self.max_positions:
+        ids = self.encode_text(self._prompt_text(params), limit, "prompt", virtual)
+        if virtual + len(ids) + (params.max_new_tokens or 1) > self.max_positions:
             virtual_part = f" + the adapter's {virtual} virtual tokens" if virtual else ""
+            wanted = f"max_new_tokens ({params.max_new_tokens})" if params.max_new_tokens else "one new token"
             raise InvalidRequest(
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}){virtual_part} exceeds the base "
-                f"model's {self.max_positions} positions"
+                f"prompt ({len(ids)} tokens) + {wanted}{virtual_part} exceeds the base model's {self.max_positions} "
+                "positions"
             )
         return ids
+
+    def _prompt_text(self, params: GenerationParams) -> str:
+        turns = [{"role": m.role, "content": m.content} for m in params.messages]
+        if not turns and params.chat:
+            turns = [{"role": "user", "content": params.prompt}]
+        if not turns:
+            return params.prompt
+        if self.base.tokenizer.chat_template is None:
+            raise InvalidRequest("the base model has no chat template; send a plain prompt instead")
+        return self.base.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
 
     # -- batches --------------------------------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from service.api.schemas import (
     GenerateResponse,
     error_responses,
 )
-from service.api.state import Inference, State
+from service.api.state import Inference
 from service.domain import Generation, GenerationParams
 from service.errors import InvalidRequest, ServiceError
 
@@ -65,14 +65,9 @@ async def classify_tokens(
                      "description": "With stream=true: server-sent events 'token' ({text}) then 'done' (the body)."}},
 )
 async def generate(
-    body: GenerateRequest, request: Request, inference: Inference, state: State
+    body: GenerateRequest, request: Request, inference: Inference
 ) -> GenerateResponse | StreamingResponse:
     request.state.adapter = body.adapter
-    settings = state.settings
-    if body.max_new_tokens > settings.max_new_tokens_limit:
-        raise InvalidRequest(f"max_new_tokens {body.max_new_tokens} exceeds the limit of {settings.max_new_tokens_limit}")
-    if len(body.stop) > settings.max_stop_strings or any(len(s) > 256 for s in body.stop):
-        raise InvalidRequest(f"stop takes at most {settings.max_stop_strings} strings of at most 256 characters")
     params = GenerationParams(
         prompt=body.prompt, max_new_tokens=body.max_new_tokens, temperature=body.temperature, top_p=body.top_p,
         stop=tuple(s for s in body.stop if s), seed=body.seed, chat=body.chat,
