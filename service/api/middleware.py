@@ -12,7 +12,7 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import error_response
-from service.metrics import Metrics
+from service.metrics import OTHER_LABEL, Metrics
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ class ServiceMiddleware:
             return
         metrics = self._metrics(scope)
         state = scope.get("state") or {}
-        adapter = metrics.adapter_label(state.get("adapter"))
+        # A name that is not in the store (404) must not take one of the bounded label slots: anyone can send them.
+        adapter = OTHER_LABEL if status == 404 else metrics.adapter_label(state.get("adapter"))
         metrics.requests.labels(route=path, adapter=adapter, status=str(status)).inc()
         metrics.request_seconds.labels(route=path).observe(seconds)

@@ -242,7 +242,7 @@ def test_image_parts_are_refused(client: openai.OpenAI) -> None:
 def test_limits_apply(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model="base", prompt="hi", max_tokens=100_000)
-    assert "limit" in caught.value.body["message"]
+    assert "limit" in caught.value.body["message"] and caught.value.body["param"] == "max_tokens"
 
 
 def test_api_keys_are_bearer_tokens(server: str) -> None:
@@ -256,3 +256,11 @@ def test_openai_routes_are_counted_in_the_metrics(client: openai.OpenAI, server:
     client.chat.completions.create(model="lora-gen", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     metrics = httpx.get(f"{server}/metrics").text
     assert 'service_requests_total{adapter="lora-gen",route="/v1/chat/completions",status="200"}' in metrics
+
+
+def test_unknown_model_names_take_no_metric_label(client: openai.OpenAI, server: str) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="junk-name-1234", prompt="hi", max_tokens=2)
+    metrics = httpx.get(f"{server}/metrics").text
+    assert "junk-name-1234" not in metrics
+    assert 'adapter="__other__",route="/v1/completions",status="404"' in metrics

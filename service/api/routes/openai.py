@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
@@ -128,6 +128,9 @@ async def _prepare(
 ) -> _Choices:
     """Every row checked and tokenized before anything runs, so a bad request is refused whole, as an HTTP error."""
     body.refuse_unsupported()
+    limit = inference.settings.max_new_tokens_limit
+    if any(p.max_new_tokens is not None and p.max_new_tokens > limit for p in prompts):
+        raise InvalidRequest(f"max_tokens {prompts[0].max_new_tokens} exceeds the limit of {limit}", "max_tokens")
     if len(prompts) * body.n > inference.settings.max_inputs_per_request:
         raise InvalidRequest(f"{len(prompts)} prompts x n={body.n} choices is more than the "
                              f"{inference.settings.max_inputs_per_request} rows one request may ask for", "n")
@@ -205,7 +208,7 @@ def _include_usage(body: OpenAIRequest) -> bool:
     return body.stream_options is not None and body.stream_options.include_usage
 
 
-async def _all(awaitables: Sequence[Awaitable[T]] | object) -> list[T]:
+async def _all(awaitables: Iterable[Awaitable[T]]) -> list[T]:
     """All results in order; the first failure cancels the others and is raised as it is."""
     tasks = [asyncio.ensure_future(a) for a in awaitables]
     try:
@@ -262,7 +265,8 @@ async def _merged(inference: InferenceService, payloads: Sequence[GeneratePayloa
 
 
 async def _chunks(
-    inference: InferenceService, choices: _Choices, include_usage: bool, chunk, start: dict | None
+    inference: InferenceService, choices: _Choices, include_usage: bool, chunk: Callable[[dict | None], dict],
+    start: dict | None,
 ) -> AsyncIterator[dict]:
     """OpenAI's stream for any route: ``chunk(choice)`` wraps one choice's delta; ``start`` opens each choice."""
     generations: list[Generation] = []
