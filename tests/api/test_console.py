@@ -241,3 +241,21 @@ def test_with_api_keys_the_console_asks_for_one(browser: Browser, tiny_base: Pat
             choose(page, "lora-cls")
             page.get_by_role("button", name="Run", exact=True).click()
             expect(page.locator("#top-label")).to_contain_text(re.compile("Top label: (negative|positive)"))
+
+
+def test_labels_with_markup_stay_text(page: Page, server: str, tiny_base: Path, tmp_path: Path) -> None:
+    # labels.json is the uploader's free text, as is whatever a model generates: it must never become HTML.
+    labels = ["<img src=x onerror=window.pwned=1>", "<b>bold</b>"]
+    folder = make_adapter(tiny_base, tmp_path / "adapter", "lora", "cls", labels=labels, seed=22)
+    archive = make_zip({p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()})
+    uploaded = httpx.post(f"{server}/v1/adapters", data={"name": "markup-labels"}, timeout=60,
+                          headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, files={"archive": ("a.zip", archive)})
+    assert uploaded.status_code == 201, uploaded.text
+    page.get_by_role("button", name="Refresh").click()
+    cells = row(page, "markup-labels").get_by_role("cell")
+    expect(cells.nth(3)).to_have_text(", ".join(labels))
+    choose(page, "markup-labels")
+    page.get_by_role("button", name="Run", exact=True).click()
+    expect(page.locator("#label-bars .bar-label")).to_have_text(labels)
+    assert page.locator("main img, main b").count() == 0
+    assert page.evaluate("window.pwned") is None
