@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from dataclasses import replace
@@ -41,6 +42,7 @@ class InferenceService:
         self.executor = executor
         self.metrics = metrics
         self.quarantine = Quarantine()
+        self._served: Counter[str] = Counter()  # requests answered successfully, per adapter name
         self.worker = BatchWorker(settings, store, runner, metrics, self.quarantine)
         self.batcher = Batcher(
             self.worker.run_group,
@@ -80,8 +82,18 @@ class InferenceService:
         return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
 
     async def forget(self, name: str) -> None:
-        """Unload a deleted adapter and clear its quarantine, serialized with the batches on the worker thread."""
+        """Unload a deleted adapter, clear its quarantine (serialized with the batches on the worker thread) and
+        its count of requests served."""
+        self._served.pop(name, None)
         await self._on_worker(self.worker.forget, name)
+
+    def requests_served(self, name: str) -> int:
+        """Requests this adapter answered successfully since the start or since it was last deleted."""
+        return self._served[name]
+
+    def _count_served(self, info: AdapterInfo | None) -> None:
+        if info is not None:
+            self._served[info.name] += 1
 
     def smoke(self, info: AdapterInfo) -> None:
         """Run a staged adapter once on the model thread, between batches (called from an upload's thread)."""
@@ -111,7 +123,9 @@ class InferenceService:
         info = await self.adapter_for(adapter, Task.CLASSIFICATION)
         inputs = self._encode_each(texts, self.runner.encode_text, info)
         key = self._key(info, Task.CLASSIFICATION)
-        return await self._submit(key, ClassifyPayload(info, inputs))
+        results = await self._submit(key, ClassifyPayload(info, inputs))
+        self._count_served(info)
+        return results
 
     async def classify_tokens(self, adapter: str, texts: Sequence[str], aggregation: str) -> list[list[Entity]]:
         """Entities per input, as the transformers token-classification pipeline gives them."""
@@ -120,8 +134,10 @@ class InferenceService:
         key = self._key(info, Task.TOKEN_CLASSIFICATION)
         scores = await self._submit(key, ClassifyPayload(info, [e.ids for e in encoded]))
         labels = info.labels or []
-        return [token_entities(text, e.offsets, e.special, s, labels, aggregation)
-                for text, e, s in zip(texts, encoded, scores)]
+        entities = [token_entities(text, e.offsets, e.special, s, labels, aggregation)
+                    for text, e, s in zip(texts, encoded, scores)]
+        self._count_served(info)
+        return entities
 
     def _encode_each(self, texts: Sequence[str], encode: Callable[[str, int, str, int], T],
                      info: AdapterInfo) -> list[T]:
@@ -162,6 +178,7 @@ class InferenceService:
         except (DeadlineExceeded, asyncio.CancelledError):
             payload.job.cancelled.set()  # frees its row at the next decode step
             raise
+        self._count_served(payload.info)
         name = None if payload.info is None else payload.info.name
         self.metrics.generated_tokens.labels(adapter=self.metrics.adapter_label(name)).inc(
             generation.generated_tokens

@@ -13,7 +13,7 @@ from fastapi import Depends, FastAPI
 from service.api.auth import require_api_key
 from service.api.errors import install_error_handlers
 from service.api.middleware import ServiceMiddleware
-from service.api.routes import adapters, health, inference, openai
+from service.api.routes import adapters, console, health, inference, openai
 from service.api.state import AppState
 from service.environment import warn_if_untested
 from service.inference import InferenceService
@@ -104,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(health.router)
+    app.include_router(console.router)
     app.include_router(inference.router, dependencies=[Depends(require_api_key)])
     app.include_router(adapters.router, dependencies=[Depends(require_api_key)])
     app.include_router(openai.router, dependencies=[Depends(require_api_key)])

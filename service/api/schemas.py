@@ -89,15 +89,17 @@ class AdapterEntry(BaseModel):
     state: Literal["ready", "failed"] = Field(
         description="'failed': it failed at run time and is refused until replaced (PUT) or deleted")
     error: str | None = Field(default=None, description="Why it failed, when state is 'failed'.")
+    requests: int = Field(description="Requests it answered successfully since the service started or since it "
+                                      "was last deleted (a new version keeps the count).")
 
     @classmethod
-    def of(cls, info: AdapterInfo, loaded: bool, failure: str | None = None) -> AdapterEntry:
+    def of(cls, info: AdapterInfo, loaded: bool, failure: str | None = None, requests: int = 0) -> AdapterEntry:
         return cls(
             name=info.name, type=info.kind.value, task=info.task.value, rank=info.rank,
             num_virtual_tokens=info.num_virtual_tokens, labels=info.labels, size_bytes=info.size_bytes,
             sha256=info.sha256, version=info.version, base_model_name_or_path=info.base_model_name_or_path,
             target_modules=info.target_modules, loaded=loaded and failure is None,
-            state="failed" if failure is not None else "ready", error=failure,
+            state="failed" if failure is not None else "ready", error=failure, requests=requests,
         )
 
 

@@ -22,7 +22,8 @@ _ADMIN_ERRORS = error_responses(403, 409, 413)
 
 def _entry(info: AdapterInfo, inference: InferenceService) -> AdapterEntry:
     failure = inference.quarantine.failure(info)
-    return AdapterEntry.of(info, info.name in inference.resident, None if failure is None else failure.reason)
+    return AdapterEntry.of(info, info.name in inference.resident, None if failure is None else failure.reason,
+                           inference.requests_served(info.name))
 
 
 @router.get("", response_model=AdapterList)
@@ -57,7 +58,7 @@ async def _install(
         install_upload, inference.store, name, archive.file, size, limits, check, replace
     )
     inference.quarantine.forget(name)  # it just ran once on the model: a quarantined name starts clean
-    return AdapterEntry.of(info, loaded=False), replaced
+    return AdapterEntry.of(info, loaded=False, requests=inference.requests_served(name)), replaced
 
 
 @router.post("", status_code=201, response_model=AdapterEntry, dependencies=[Depends(require_admin)],
