@@ -240,6 +240,7 @@ def _print_entry(entry: AdapterEntry) -> None:
     fields["labels"] = ", ".join(entry.labels) if entry.labels else None
     fields["target_modules"] = ", ".join(entry.target_modules) if entry.target_modules else None
     fields["size_bytes"] = f"{entry.size_bytes} ({_size(entry.size_bytes)})"
+    fields["loaded"] = "yes" if entry.loaded else "no"
     width = max(len(key) for key in fields)
     for key, value in fields.items():
         if value is not None:

@@ -140,11 +140,12 @@ class ServiceClient:
         name: str,
         replace: bool = False,
         progress: ProgressCallback | None = None,
+        include_tokenizer: bool = True,
     ) -> UploadResult:
         """Upload an adapter folder (packed here, checked with the service's own checks first), a ready .zip or
         .tar.gz, or an already ``pack``-ed archive. ``replace``: publish a new version of ``name`` (PUT) instead of
-        refusing an existing name (409)."""
-        packed = source if isinstance(source, PackedAdapter) else pack(source, name)
+        refusing an existing name (409). ``progress(sent, total)`` is called as the archive's bytes go out."""
+        packed = source if isinstance(source, PackedAdapter) else pack(source, name, include_tokenizer)
         try:
             body = _ProgressReader(packed.file, packed.size, progress)
             archive = {"archive": (packed.filename, body, "application/octet-stream")}
