@@ -23,7 +23,7 @@ from service.client import (
 )
 
 BASE = "base"  # generate's NAME for the base model without an adapter
-PROGRESS_MIN_BYTES = 4 * 1024 * 1024  # smaller uploads take well under a second on loopback: no bar
+PROGRESS_MIN_BYTES = 4 * 1024 * 1024  # smaller archives go out in about a second or less: a bar would only flash
 CLIENT_COMMANDS = ("upload", "list", "show", "delete", "classify", "classify-tokens", "generate")
 
 
@@ -33,7 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_client_command(args)
     from service.serve import serve  # torch and the server only when serving
 
-    return serve(args[1:] if args[:1] == ["serve"] else args)
+    epilog = f"other commands talk to a running service: {', '.join(CLIENT_COMMANDS)} (adapter-service COMMAND --help)"
+    return serve(args[1:] if args[:1] == ["serve"] else args, epilog=epilog)
 
 
 def run_client_command(argv: Sequence[str]) -> int:
@@ -49,6 +50,8 @@ def run_client_command(argv: Sequence[str]) -> int:
     except ServiceClientError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C during a stream or an upload: stop quietly, as shells expect
+        return 130
     finally:
         client.close()
     return 0

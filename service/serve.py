@@ -16,14 +16,8 @@ from service.api.app import create_app
 from service.settings import Settings
 
 
-CLIENT_COMMANDS_HELP = (
-    "other commands talk to a running service: upload, list, show, delete, classify, classify-tokens, generate "
-    "(adapter-service COMMAND --help)"
-)
-
-
-def serve(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__, epilog=CLIENT_COMMANDS_HELP)
+def serve(argv: list[str] | None = None, epilog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__, epilog=epilog)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--base-model", help="overrides SERVICE_BASE_MODEL")

@@ -60,7 +60,8 @@ def check_member_name(raw: str) -> tuple[str, ...]:
             "with save_pretrained(dir, safe_serialization=True) to get adapter_model.safetensors"
         )
     if file_name not in ALLOWED_FILES:
-        raise UploadInvalid(f"archive member {raw!r} is not accepted; allowed files: {', '.join(sorted(ALLOWED_FILES))}")
+        allowed = ", ".join(sorted(ALLOWED_FILES))
+        raise UploadInvalid(f"archive member {raw!r} is not accepted; allowed files: {allowed}")
     return parts
 
 
