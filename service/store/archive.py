@@ -46,7 +46,9 @@ def _check_path(raw: str) -> PurePosixPath:
     return path
 
 
-def _accept(raw: str, size: int, handle: object, folders: set[tuple[str, ...]]) -> _Member:
+def check_member_name(raw: str) -> tuple[str, ...]:
+    """The parts of an archive member's path (folder, file), or the refusal an upload of it gets. The client
+    (service.packing) asks this too, so a refusal before sending reads as the server's."""
     path = _check_path(raw)
     parts = tuple(p for p in path.parts if p not in ("", "."))
     if len(parts) > 2 or not parts:
@@ -58,9 +60,15 @@ def _accept(raw: str, size: int, handle: object, folders: set[tuple[str, ...]]) 
             "with save_pretrained(dir, safe_serialization=True) to get adapter_model.safetensors"
         )
     if file_name not in ALLOWED_FILES:
-        raise UploadInvalid(f"archive member {raw!r} is not accepted; allowed files: {', '.join(sorted(ALLOWED_FILES))}")
+        allowed = ", ".join(sorted(ALLOWED_FILES))
+        raise UploadInvalid(f"archive member {raw!r} is not accepted; allowed files: {allowed}")
+    return parts
+
+
+def _accept(raw: str, size: int, handle: object, folders: set[tuple[str, ...]]) -> _Member:
+    parts = check_member_name(raw)
     folders.add(parts[:-1])
-    return _Member(file_name=file_name, size=size, handle=handle)
+    return _Member(file_name=parts[-1], size=size, handle=handle)
 
 
 def _check_members(members: list[_Member], folders: set[tuple[str, ...]], packed: int, limits: ArchiveLimits) -> None:

@@ -41,6 +41,12 @@ def valid_name(name: str) -> bool:
     return bool(NAME_PATTERN.fullmatch(name)) and name not in (".", "..")
 
 
+def check_name(name: str) -> None:
+    """Refuse a name an adapter cannot be published under (asked by uploads and by the client before sending)."""
+    if not valid_name(name):
+        raise AdapterInvalid(f"adapter name {name!r} must match {NAME_PATTERN.pattern}")
+
+
 def head_spec(tensors: dict[str, TensorSpec]) -> TensorSpec | None:
     """The classification head's weight, saved through modules_to_save, if the adapter has one."""
     for key, spec in tensors.items():
@@ -201,8 +207,7 @@ class AdapterStore:
 
     def publish(self, name: str, staged: Path) -> AdapterInfo:
         """Move a fully written staging folder into place as ``name``; 409 when the name exists."""
-        if not valid_name(name):
-            raise AdapterInvalid(f"adapter name {name!r} must match {NAME_PATTERN.pattern}")
+        check_name(name)
         info = describe_folder(name, staged, self.accepts_base)
         _fsync_tree(staged)
         target = self.root / name
@@ -222,8 +227,7 @@ class AdapterStore:
         Two renames: the old version to a trash folder named after the adapter, the new one into place. A crash
         between them leaves the old version in the trash, and ``sweep`` puts it back.
         """
-        if not valid_name(name):
-            raise AdapterInvalid(f"adapter name {name!r} must match {NAME_PATTERN.pattern}")
+        check_name(name)
         info = describe_folder(name, staged, self.accepts_base)
         _fsync_tree(staged)
         target = self.root / name

@@ -7,9 +7,9 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 from service.domain import AdapterInfo
-from service.errors import AdapterExists, AdapterInvalid
+from service.errors import AdapterExists
 from service.store.archive import ArchiveLimits, unpack
-from service.store.store import NAME_PATTERN, AdapterStore, describe_folder, valid_name
+from service.store.store import AdapterStore, check_name, describe_folder
 
 
 def install_upload(
@@ -25,8 +25,7 @@ def install_upload(
 
     Returns the adapter and whether an existing version was replaced (only with ``replace``; else 409).
     """
-    if not valid_name(name):
-        raise AdapterInvalid(f"adapter name {name!r} must match {NAME_PATTERN.pattern}")
+    check_name(name)
     if not replace and (store.root / name).exists():
         raise AdapterExists(f"adapter {name!r} already exists; PUT /v1/adapters/{name} replaces it")
     staged = store.staging_folder()
