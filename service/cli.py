@@ -21,8 +21,9 @@ from service.client import (
     ServiceClientError,
     pack,
 )
+from service.store.store import RESERVED_NAME
 
-BASE = "base"  # generate's NAME for the base model without an adapter
+BASE = RESERVED_NAME  # generate's NAME for the base model without an adapter
 PROGRESS_MIN_BYTES = 4 * 1024 * 1024  # smaller archives go out in about a second or less: a bar would only flash
 CLIENT_COMMANDS = ("upload", "list", "show", "delete", "classify", "classify-tokens", "generate")
 

@@ -71,10 +71,6 @@ def test_upload_generate_and_replace(client: ServiceClient, tiny_base: Path, tmp
     assert client.generate("fresh-lora", "Hello there", max_new_tokens=8).text != adapted.text
 
 
-@pytest.mark.xfail(strict=True, raises=ServiceClientError, reason=(
-    "server bug, outside the client: ServiceMiddleware._too_large (service/api/middleware.py) lets only POST "
-    "/v1/adapters past SERVICE_MAX_REQUEST_BYTES (4 MiB), so PUT /v1/adapters/{name} of a larger archive gets 413 "
-    "RequestTooLarge; remove this mark once PUT gets the upload limit too"))
 def test_replace_takes_archives_as_large_as_a_new_upload(client: ServiceClient, tiny_base: Path,
                                                          tmp_path: Path) -> None:
     folder = make_adapter(tiny_base, tmp_path / "big", "lora", "gen", modules_to_save=["embed_tokens"], seed=23)

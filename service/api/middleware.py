@@ -64,7 +64,10 @@ class ServiceMiddleware:
         declared = headers.get(b"content-length", b"").decode("latin-1")
         if not declared.isdigit():
             return None
-        upload = scope.get("method") == "POST" and scope.get("path", "").rstrip("/") == "/v1/adapters"
+        method, path = scope.get("method"), scope.get("path", "").rstrip("/")
+        # An upload is a new adapter (POST) or a new version of one (PUT): both carry an archive.
+        upload = (method == "POST" and path == "/v1/adapters") or (
+            method == "PUT" and path.startswith("/v1/adapters/"))
         settings = self.settings
         # Multipart framing adds a little around the archive itself.
         limit = settings.max_upload_bytes + 64 * 1024 if upload else settings.max_request_bytes

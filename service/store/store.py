@@ -20,6 +20,7 @@ from service.domain import AdapterInfo, AdapterKind, Task
 from service.errors import AdapterExists, AdapterInvalid, AdapterNotFound
 from service.store.safetensors_header import TensorSpec, read_header
 
+RESERVED_NAME = "base"  # the base model on the OpenAI routes and in the CLI
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -45,6 +46,9 @@ def check_name(name: str) -> None:
     """Refuse a name an adapter cannot be published under (asked by uploads and by the client before sending)."""
     if not valid_name(name):
         raise AdapterInvalid(f"adapter name {name!r} must match {NAME_PATTERN.pattern}")
+    if name.lower() == RESERVED_NAME:
+        raise AdapterInvalid(f"adapter name {name!r} is reserved: it names the base model on the OpenAI routes and "
+                             "in the CLI; choose another name")
 
 
 def head_spec(tensors: dict[str, TensorSpec]) -> TensorSpec | None:

@@ -12,6 +12,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from service.api.app import create_app
+from service.store.archive import make_zip
 from tests.api.conftest import tiny_settings
 from tests.servers import serve
 
@@ -264,3 +265,10 @@ def test_unknown_model_names_take_no_metric_label(client: openai.OpenAI, server:
     metrics = httpx.get(f"{server}/metrics").text
     assert "junk-name-1234" not in metrics
     assert 'adapter="__other__",route="/v1/completions",status="404"' in metrics
+
+
+def test_base_is_a_reserved_adapter_name(server: str, tiny_store: Path) -> None:
+    files = {path.name: path.read_bytes() for path in (tiny_store / "lora-gen").iterdir()}
+    response = httpx.post(f"{server}/v1/adapters", headers={"Authorization": "Bearer test-admin-token"},
+                          data={"name": "base"}, files={"archive": ("a.zip", make_zip(files))}, timeout=60)
+    assert response.status_code == 422 and "reserved" in response.json()["message"]

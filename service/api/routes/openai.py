@@ -39,12 +39,12 @@ from service.api.state import AppState, Inference, State
 from service.domain import ChatMessage, Generation, GenerationParams, Task
 from service.errors import AdapterNotFound, InvalidRequest, ServiceError
 from service.inference import InferenceService
+from service.store.store import RESERVED_NAME as BASE_NAME
 from service.worker import GeneratePayload
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-BASE_NAME = "base"
 _OWNER = "adapter-service"
 _STARTED = int(time.time())
 _ERRORS = {status: {"model": OpenAIError} for status in (400, 401, 404, 413, 429, 500, 503, 504)}
