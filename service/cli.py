@@ -26,12 +26,22 @@ from service.store.store import RESERVED_NAME
 BASE = RESERVED_NAME  # generate's NAME for the base model without an adapter
 PROGRESS_MIN_BYTES = 4 * 1024 * 1024  # smaller archives go out in about a second or less: a bar would only flash
 CLIENT_COMMANDS = ("upload", "list", "show", "delete", "classify", "classify-tokens", "generate")
+CLIENT_OPTIONS = ("--url", "--token", "--api-key", "--timeout", "--json")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0].partition("=")[0] in CLIENT_OPTIONS:  # `--url U list`: the options belong to the command
+        command = next((arg for arg in args if arg in CLIENT_COMMANDS), None)
+        if command is not None:
+            args.remove(command)
+            args.insert(0, command)
     if args and args[0] in CLIENT_COMMANDS:
         return run_client_command(args)
+    if args and not args[0].startswith("-") and args[0] != "serve":
+        print(f"adapter-service: unknown command {args[0]!r}; commands: serve (the default), "
+              f"{', '.join(CLIENT_COMMANDS)}", file=sys.stderr)
+        return 2
     from service.serve import serve  # torch and the server only when serving
 
     epilog = f"other commands talk to a running service: {', '.join(CLIENT_COMMANDS)} (adapter-service COMMAND --help)"
@@ -140,10 +150,10 @@ def _list(client: ServiceClient, args: argparse.Namespace) -> None:
     if args.json:
         _print_json({"adapters": [entry.model_dump() for entry in adapters]})
         return
-    header = ("NAME", "TYPE", "TASK", "RANK", "VIRTUAL", "LABELS", "SIZE", "LOADED", "STATE")
+    header = ("NAME", "TYPE", "TASK", "RANK", "VIRTUAL", "LABELS", "SIZE", "LOADED", "STATE", "REQUESTS")
     rows = [(entry.name, entry.type, entry.task, _dash(entry.rank), _dash(entry.num_virtual_tokens),
              ",".join(entry.labels or []) or "-", _size(entry.size_bytes), "yes" if entry.loaded else "no",
-             entry.state) for entry in adapters]
+             entry.state, str(entry.requests)) for entry in adapters]
     _print_table(header, rows)
 
 

@@ -66,3 +66,7 @@ class DeadlineExceeded(ServiceError):
 
 class NotReady(ServiceError):
     """The service is starting or shutting down."""
+
+
+class ClientGone(ServiceError):
+    """The client disconnected before its answer; the work was dropped and nobody reads the response."""

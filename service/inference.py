@@ -92,7 +92,7 @@ class InferenceService:
         return self._served[name]
 
     def _count_served(self, info: AdapterInfo | None) -> None:
-        if info is not None:
+        if info is not None and self.store.has(info.name):  # not an answer that outran its adapter's delete
             self._served[info.name] += 1
 
     def smoke(self, info: AdapterInfo) -> None:
@@ -167,41 +167,68 @@ class InferenceService:
         if params.max_new_tokens is not None and params.max_new_tokens > limit:
             raise InvalidRequest(f"max_new_tokens {params.max_new_tokens} exceeds the limit of {limit}",
                                  "max_new_tokens")
+        if params.seed is not None and not -(2**63) <= params.seed < 2**64:
+            raise InvalidRequest(f"seed {params.seed} is outside the 64-bit range a sampler takes", "seed")
         if len(params.stop) > self.settings.max_stop_strings or any(len(s) > 256 for s in params.stop):
             raise InvalidRequest(f"stop takes at most {self.settings.max_stop_strings} strings of at most 256 "
                                  "characters", "stop")
 
-    async def generate(self, payload: GeneratePayload, on_text: Callable[[str], None] | None = None) -> Generation:
-        """Run a prepared request; ``on_text`` receives the text as it is generated (for streaming)."""
+    async def generate(self, payloads: Sequence[GeneratePayload]) -> list[Generation]:
+        """Run the prepared rows of one request together; the first failure cancels the others and is raised."""
+        self.batcher.check_room(len(payloads))
+        tasks = [asyncio.ensure_future(self._run_row(payload)) for payload in payloads]
+        try:
+            generations = list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
+        self._count_served(payloads[0].info)
+        return generations
+
+    def stream(self, payloads: Sequence[GeneratePayload]) -> AsyncIterator[tuple[int, str | Generation]]:
+        """(row index, piece of new text) as the rows of one request generate, then (row index, its Generation)
+        for each; leaving early frees the rows. A full queue is refused here, before any response starts."""
+        self.batcher.check_room(len(payloads))
+        return self._stream(payloads)
+
+    async def _stream(self, payloads: Sequence[GeneratePayload]) -> AsyncIterator[tuple[int, str | Generation]]:
+        # One queue carries every row's pieces and results: a stream costs one wake-up per piece.
+        pieces: asyncio.Queue[tuple[int, str | Generation | Exception]] = asyncio.Queue()
+
+        async def run(index: int, payload: GeneratePayload) -> None:
+            try:
+                generation = await self._run_row(payload, lambda text: pieces.put_nowait((index, text)))
+            except Exception as error:  # raised to the reader, in order with the pieces before it
+                pieces.put_nowait((index, error))
+            else:
+                pieces.put_nowait((index, generation))
+
+        tasks = [asyncio.create_task(run(index, payload)) for index, payload in enumerate(payloads)]
+        try:
+            finished = 0
+            while finished < len(tasks):
+                index, item = await pieces.get()
+                if isinstance(item, Exception):
+                    raise item
+                finished += isinstance(item, Generation)
+                yield index, item
+            self._count_served(payloads[0].info)
+        finally:
+            for task in tasks:
+                task.cancel()  # a row still running is freed at the next decode step
+
+    async def _run_row(self, payload: GeneratePayload, on_text: Callable[[str], None] | None = None) -> Generation:
+        """One prepared row through the batcher; ``on_text`` receives its text as it is generated."""
         try:
             generation = await self._submit(self._key(payload.info, Task.GENERATION), payload, on_text)
         except (DeadlineExceeded, asyncio.CancelledError):
             payload.job.cancelled.set()  # frees its row at the next decode step
             raise
-        self._count_served(payload.info)
         name = None if payload.info is None else payload.info.name
         self.metrics.generated_tokens.labels(adapter=self.metrics.adapter_label(name)).inc(
             generation.generated_tokens
         )
         return generation
-
-    async def stream(self, payload: GeneratePayload) -> AsyncIterator[str | Generation]:
-        """Text pieces as they are generated, then the final Generation; leaving early frees the row."""
-        # One queue carries the pieces and then the finished task: a stream costs one wake-up per piece.
-        pieces: asyncio.Queue[str | asyncio.Task] = asyncio.Queue()
-        task = asyncio.create_task(self.generate(payload, pieces.put_nowait))
-        task.add_done_callback(pieces.put_nowait)
-        try:
-            while True:
-                item = await pieces.get()
-                if isinstance(item, asyncio.Task):
-                    break
-                yield item
-            yield task.result()
-        finally:
-            if not task.done():
-                payload.job.cancelled.set()
-                task.cancel()
 
     def _is_continuous(self, key: Hashable) -> bool:
         """Mixed batching runs generation at iteration level; grouped keeps one static batch per adapter."""

@@ -42,7 +42,8 @@ def test_list_table_and_json(cli) -> None:
     status, out, _ = cli("list")
     assert status == 0
     header, *rows = out.splitlines()
-    assert header.split() == ["NAME", "TYPE", "TASK", "RANK", "VIRTUAL", "LABELS", "SIZE", "LOADED", "STATE"]
+    assert header.split() == ["NAME", "TYPE", "TASK", "RANK", "VIRTUAL", "LABELS", "SIZE", "LOADED", "STATE",
+                              "REQUESTS"]
     lora_cls = next(row.split() for row in rows if row.startswith("lora-cls "))
     assert lora_cls[:6] == ["lora-cls", "lora", "classification", "4", "-", "negative,positive"]
     status, out, _ = cli("list", "--json")
@@ -184,3 +185,13 @@ def test_usage_errors_exit_2(cli) -> None:
     with pytest.raises(SystemExit) as usage:
         cli("generate", "lora-gen")  # no prompt
     assert usage.value.code == 2
+
+
+def test_options_before_the_command_belong_to_it(cli, service_url: str) -> None:
+    status, out, _ = cli("--url", service_url, "--json", "list")
+    assert status == 0 and "lora-gen" in {entry["name"] for entry in json.loads(out)["adapters"]}
+
+
+def test_an_unknown_command_is_named(cli) -> None:
+    status, _, err = cli("lst")
+    assert status == 2 and "unknown command 'lst'" in err and "list" in err

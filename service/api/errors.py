@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -23,16 +25,20 @@ STATUS: dict[type[errors.ServiceError], int] = {
     errors.QueueFull: 429,
     errors.DeadlineExceeded: 504,
     errors.NotReady: 503,
+    errors.ClientGone: 499,  # nginx's code for a client that left; only the metrics see it
 }
 
 
 # Routes that answer in OpenAI's error shape, so OpenAI's clients read the message: {"error": {message, type,
 # param, code}}. OpenAI answers 400 where this API says 422.
 OPENAI_PATHS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
-_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                 404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
-                 429: "rate_limit_error", 503: "service_unavailable_error", 504: "timeout_error"}
+_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error",
+                 503: "service_unavailable_error", 504: "timeout_error"}
 _OPENAI_CODES = {"AdapterNotFound": "model_not_found", "NotAuthenticated": "invalid_api_key"}
+
+
+def _snake_case(kind: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", kind).lower()
 
 
 def speaks_openai(path: str) -> bool:
@@ -43,8 +49,9 @@ def openai_error(status: int, kind: str, message: str, param: str | None = None)
     """The status and body OpenAI's API would give for one of this service's errors."""
     status = 400 if status == 422 else status
     kind = "NotAuthenticated" if status == 401 else kind
-    detail = {"message": message, "type": _OPENAI_TYPES.get(status, "server_error"), "param": param,
-              "code": _OPENAI_CODES.get(kind, kind)}
+    default_type = "invalid_request_error" if status < 500 else "server_error"
+    detail = {"message": message, "type": _OPENAI_TYPES.get(status, default_type), "param": param,
+              "code": _OPENAI_CODES.get(kind, _snake_case(kind))}
     return status, {"error": detail}
 
 
@@ -76,11 +83,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         problems = [(".".join(str(p) for p in e["loc"] if p != "body") or "body",
-                     "not a parameter this service takes" if e["type"] == "extra_forbidden" else e["msg"])
+                     "not a parameter this service takes" if e["type"] == "extra_forbidden" else e["msg"],
+                     e["type"] != "json_invalid")  # a JSON syntax error's location is a byte offset, no field
                     for e in error.errors()]
-        message = "; ".join(f"{where}: {what}" for where, what in problems)
+        message = "; ".join(f"{where}: {what}" for where, what, _ in problems)
+        param = problems[0][0] if problems and problems[0][2] else None
         return error_response(422, "InvalidRequest", message or "malformed request body", path=request.url.path,
-                              param=problems[0][0] if problems else None)
+                              param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:

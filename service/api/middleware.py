@@ -80,6 +80,14 @@ class ServiceMiddleware:
     def _metrics(scope: Scope) -> Metrics:
         return scope["app"].state.service.metrics
 
+    @staticmethod
+    def _adapter_label(scope: Scope, metrics: Metrics, name: str | None) -> str:
+        """A name takes one of the bounded label slots only if the store has it: anyone can send made-up names."""
+        store = scope["app"].state.service.store
+        if name is not None and (store is None or not store.has(name)):
+            return OTHER_LABEL
+        return metrics.adapter_label(name)
+
     def _record(self, scope: Scope, status: int, seconds: float) -> None:
         route = scope.get("route")
         path = getattr(route, "path", "unmatched")
@@ -87,7 +95,6 @@ class ServiceMiddleware:
             return
         metrics = self._metrics(scope)
         state = scope.get("state") or {}
-        # A name that is not in the store (404) must not take one of the bounded label slots: anyone can send them.
-        adapter = OTHER_LABEL if status == 404 else metrics.adapter_label(state.get("adapter"))
+        adapter = self._adapter_label(scope, metrics, state.get("adapter"))
         metrics.requests.labels(route=path, adapter=adapter, status=str(status)).inc()
         metrics.request_seconds.labels(route=path).observe(seconds)

@@ -43,7 +43,26 @@ _REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "reasoning_effort": (_absent, "reasoning_effort is not supported"),
     "web_search_options": (_absent, "web search is not supported"),
     "store": (_absent, "store is not supported: completions are not stored"),
+    # vLLM's extra sampling parameters, which tools written for vLLM send at their do-nothing values.
+    "top_k": (lambda v: v is None or v in (0, -1), "top_k is not supported (only -1 or 0: no cut)"),
+    "min_p": (_absent, "min_p is not supported (only 0)"),
+    "repetition_penalty": (lambda v: v is None or v == 1, "repetition_penalty is not supported (only 1)"),
+    "length_penalty": (lambda v: v is None or v == 1, "length_penalty is not supported (only 1)"),
+    "use_beam_search": (_absent, "beam search is not supported"),
+    "ignore_eos": (_absent, "ignore_eos is not supported"),
+    "min_tokens": (_absent, "min_tokens is not supported (only 0)"),
+    "stop_token_ids": (_absent, "stop_token_ids is not supported; use stop strings"),
+    "include_stop_str_in_output": (_absent, "include_stop_str_in_output is not supported"),
+    "skip_special_tokens": (lambda v: v is None or v is True, "only skip_special_tokens=true is served"),
+    "spaces_between_special_tokens": (lambda v: v is None or v is True,
+                                      "only spaces_between_special_tokens=true is served"),
+    # In a message of the conversation: a previous answer sent back as the client returned it.
+    "tool_calls": (_absent, "tool calls are not supported"),
+    "refusal": (_absent, "a refusal in a message is not supported"),
+    "annotations": (_absent, "message annotations are not supported"),
 }
+
+SEED_RANGE = Field(default=None, ge=-(2**63), le=2**64 - 1, description="Makes sampling repeatable.")
 
 
 class OpenAIRequest(BaseModel):
@@ -52,11 +71,12 @@ class OpenAIRequest(BaseModel):
     model: str = Field(description="An adapter's name, or 'base' (or the base model's id) for no adapter.")
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="Default 1; 0 is greedy.")
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, description="Choices per prompt; with a seed, choice i samples with seed + i.")
+    n: int | None = Field(default=1, ge=1,
+                          description="Choices per prompt; with a seed, choice i samples with seed + i.")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = SEED_RANGE
     user: str | None = Field(default=None, description="An end-user id; accepted, not used.")
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
@@ -67,22 +87,46 @@ class OpenAIRequest(BaseModel):
     presence_penalty: Any = None
     frequency_penalty: Any = None
     store: Any = None
+    top_k: Any = None
+    min_p: Any = None
+    repetition_penalty: Any = None
+    length_penalty: Any = None
+    use_beam_search: Any = None
+    ignore_eos: Any = None
+    min_tokens: Any = None
+    stop_token_ids: Any = None
+    include_stop_str_in_output: Any = None
+    skip_special_tokens: Any = None
+    spaces_between_special_tokens: Any = None
 
     def refuse_unsupported(self) -> None:
-        for name in self.model_fields_set:
-            refused = _REFUSED.get(name)
-            if refused is not None and not refused[0](getattr(self, name)):
-                raise InvalidRequest(f"{name}: {refused[1]}", name)
+        _refuse_set(self, "")
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequest("stream_options: only allowed when stream is true", "stream_options")
+
+    def choices_per_prompt(self) -> int:
+        return 1 if self.n is None else self.n
+
+    def max_tokens_field(self) -> str:
+        return "max_tokens"
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
         return tuple(s for s in stops if s)
 
 
+def _refuse_set(model: BaseModel, where: str) -> None:
+    """InvalidRequest naming the first parameter of ``model`` set to a value that asks for what is not served."""
+    for name in model.model_fields_set:
+        refused = _REFUSED.get(name)
+        if refused is not None and not refused[0](getattr(model, name)):
+            raise InvalidRequest(f"{where}{name}: {refused[1]}", f"{where}{name}")
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    include_usage: bool = False
+    include_usage: bool | None = False
 
 
 class CompletionRequest(OpenAIRequest):
@@ -103,19 +147,18 @@ class CompletionRequest(OpenAIRequest):
         return prompts
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["text"]
-    text: str
-
-
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart | dict[str, Any]] | None = None
+    content: str | list[dict[str, Any]] | None = Field(default=None, description="A text, or text parts.")
     name: str | None = None
+    # What a client sends back when it returns a previous answer as it got it (all empty for a plain answer).
+    refusal: Any = None
+    tool_calls: Any = None
+    function_call: Any = None
+    audio: Any = None
+    annotations: Any = None
 
 
 class ChatCompletionRequest(OpenAIRequest):
@@ -134,6 +177,14 @@ class ChatCompletionRequest(OpenAIRequest):
     prediction: Any = None
     reasoning_effort: Any = None
     web_search_options: Any = None
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        for index, message in enumerate(self.messages):
+            _refuse_set(message, f"messages.{index}.")
+
+    def max_tokens_field(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
 
 class Usage(BaseModel):

@@ -60,7 +60,7 @@ class GenerateRequest(BaseModel):
     temperature: float = Field(default=0.0, ge=0.0, le=100.0, description="0 is greedy decoding.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list, description="Generation ends before the first of these strings.")
-    seed: int | None = Field(default=None, description="Makes sampling repeatable.")
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1, description="Makes sampling repeatable.")
     chat: bool = Field(default=False, description="Wrap the prompt in the base model's chat template as a user turn.")
     stream: bool = Field(default=False, description="Answer with server-sent events, one per piece of new text.")
 

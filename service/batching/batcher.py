@@ -116,11 +116,15 @@ class Batcher:
             if not item.future.done():
                 item.future.set_exception(NotReady("the service is shutting down; retry on another replica"))
 
+    def check_room(self, requests: int) -> None:
+        """Refuse now (QueueFull) what could not all be queued, before a caller starts answering."""
+        assert self._queue is not None, "batcher not started"
+        if self._queue.qsize() + requests > self._max_queue_size:
+            raise QueueFull(f"the queue holds {self._max_queue_size} requests; retry shortly")
+
     async def submit(self, key: Hashable, payload: Any, on_partial: Callable[[Any], None] | None = None) -> Any:
         """Queue one request and wait for its result (or its exception); partial results go to ``on_partial``."""
-        assert self._queue is not None, "batcher not started"
-        if self._queue.qsize() >= self._max_queue_size:
-            raise QueueFull(f"the queue holds {self._max_queue_size} requests; retry shortly")
+        self.check_room(1)
         future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Item(key=key, payload=payload, future=future, on_partial=on_partial))
         self._on_depth(self._queue.qsize())

@@ -12,6 +12,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import jinja2
 import torch
 
 from service.domain import AdapterInfo, GenerationParams
@@ -239,7 +240,10 @@ class ModelRunner:
             return params.prompt
         if self.base.tokenizer.chat_template is None:
             raise InvalidRequest("the base model has no chat template; send a plain prompt instead")
-        return self.base.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        try:
+            return self.base.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        except jinja2.TemplateError as error:  # the template's own refusal (roles out of order, say)
+            raise InvalidRequest(f"the base's chat template refused these messages: {error}", "messages") from None
 
     # -- batches --------------------------------------------------------------------------------------------------
 

@@ -174,6 +174,10 @@ class AdapterStore:
             if entry.is_dir() and not entry.is_symlink() and valid_name(entry.name)
         )
 
+    def has(self, name: str) -> bool:
+        """Whether an adapter of that name is in the store now (one stat; no parsing)."""
+        return valid_name(name) and (self.root / name).is_dir()
+
     def get(self, name: str) -> AdapterInfo:
         folder = self._folder(name)
         if not folder.is_dir():

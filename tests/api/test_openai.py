@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import concurrent.futures
+import shutil
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from fastapi import FastAPI
 from transformers import AutoTokenizer
 
 from service.api.app import create_app
@@ -20,14 +24,19 @@ QUESTION = "What is the capital of France?"
 
 
 @pytest.fixture(scope="module")
-def server(tiny_base: Path, tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    import shutil
-
+def served(
+    tiny_base: Path, tiny_store: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, FastAPI]]:
     store = tmp_path_factory.mktemp("openai") / "store"
     shutil.copytree(tiny_store, store)
-    app = create_app(tiny_settings(store, base_model=str(tiny_base), api_keys=["user-key"]))
+    app = create_app(tiny_settings(store, base_model=str(tiny_base), api_keys=["user-key"], max_queue_size=6))
     with serve(app) as url:
-        yield url
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def server(served: tuple[str, FastAPI]) -> str:
+    return served[0]
 
 
 @pytest.fixture(scope="module")
@@ -272,3 +281,117 @@ def test_base_is_a_reserved_adapter_name(server: str, tiny_store: Path) -> None:
     response = httpx.post(f"{server}/v1/adapters", headers={"Authorization": "Bearer test-admin-token"},
                           data={"name": "base"}, files={"archive": ("a.zip", make_zip(files))}, timeout=60)
     assert response.status_code == 422 and "reserved" in response.json()["message"]
+
+
+def post(server: str, route: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{server}{route}", json=body, headers={"Authorization": "Bearer user-key"}, timeout=60)
+
+
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1])
+def test_a_seed_out_of_range_is_refused_and_harms_no_neighbour(server: str, seed: int) -> None:
+    neighbour: dict = {}
+
+    def run_neighbour() -> None:
+        neighbour["response"] = post(server, "/v1/completions",
+                                     {"model": "lora-gen", "prompt": "Once upon a time", "max_tokens": 40})
+
+    thread = threading.Thread(target=run_neighbour)
+    thread.start()
+    response = post(server, "/v1/completions", {"model": "base", "prompt": "Hi", "max_tokens": 3, "seed": seed})
+    thread.join()
+    assert response.status_code == 400 and response.json()["error"]["param"] == "seed"
+    assert neighbour["response"].status_code == 200
+    assert post(server, "/v1/generate", {"prompt": "Hi", "seed": seed}).status_code == 422
+
+
+def test_the_largest_seed_with_several_choices_wraps(client: openai.OpenAI) -> None:
+    completion = client.completions.create(model="base", prompt="Hi", max_tokens=3, n=2, seed=2**64 - 1,
+                                           temperature=1.0)
+    assert len(completion.choices) == 2
+
+
+def test_a_previous_answer_sent_back_as_the_client_dumped_it(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "Hello"}]
+    first = client.chat.completions.create(model="base", messages=messages, max_tokens=4, temperature=0)
+    messages.append(first.choices[0].message.model_dump())
+    messages.append({"role": "user", "content": QUESTION})
+    second = client.chat.completions.create(model="base", messages=messages, max_tokens=4, temperature=0)
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="base", max_tokens=4, messages=[
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function",
+                                                                   "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "user", "content": "hi"}])
+    assert caught.value.body["param"] == "messages.0.tool_calls"
+
+
+def test_refused_requests_with_made_up_models_take_no_metric_label(server: str) -> None:
+    assert post(server, "/v1/completions", {"model": "made-up-1", "prompt": "Hi", "logprobs": 1}).status_code == 400
+    assert post(server, "/v1/generate", {"adapter": "made-up-2", "prompt": "Hi",
+                                         "max_new_tokens": 99999}).status_code == 422
+    metrics = httpx.get(f"{server}/metrics").text
+    assert "made-up-1" not in metrics and "made-up-2" not in metrics
+
+
+def test_one_request_with_several_rows_counts_once(client: openai.OpenAI, server: str) -> None:
+    def served() -> int:
+        response = httpx.get(f"{server}/v1/adapters/prompt-gen", headers={"Authorization": "Bearer user-key"})
+        return response.json()["requests"]
+
+    before = served()
+    client.completions.create(model="prompt-gen", prompt=["a", "b"], n=2, max_tokens=2)
+    for _ in client.completions.create(model="prompt-gen", prompt=["a", "b"], n=2, max_tokens=2, stream=True):
+        pass
+    assert served() == before + 2
+
+
+def test_a_client_that_leaves_a_long_completion_frees_its_rows(served: tuple[str, FastAPI]) -> None:
+    url, app = served
+    body = {"model": "lora-gen", "prompt": "Once upon a time", "n": 3, "max_tokens": 200}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer user-key"}, timeout=1.0)
+    batcher = app.state.service.inference.batcher
+    deadline = time.monotonic() + 10
+    while batcher.busy and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not batcher.busy
+    assert 'route="/v1/completions",status="499"' in httpx.get(f"{url}/metrics").text
+
+
+def test_a_stream_the_queue_cannot_hold_is_429_before_it_starts(server: str) -> None:
+    response = post(server, "/v1/completions", {"model": "base", "prompt": "Hi", "n": 7, "stream": True})
+    assert response.status_code == 429 and response.headers["retry-after"]
+    assert response.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_nulls_where_openai_takes_them(server: str) -> None:
+    response = post(server, "/v1/chat/completions", {
+        "model": "base", "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi",
+                                                                    "cache_control": {"type": "ephemeral"}}]}],
+        "n": None, "max_tokens": 2, "stream": True, "stream_options": {"include_usage": None}})
+    assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
+
+
+def test_vllm_extras_at_their_do_nothing_values(client: openai.OpenAI) -> None:
+    completion = client.completions.create(model="base", prompt="Hi", max_tokens=2, extra_body={
+        "top_k": -1, "repetition_penalty": 1.0, "min_p": 0.0, "ignore_eos": False, "skip_special_tokens": True})
+    assert len(completion.choices) == 1
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="base", prompt="Hi", max_tokens=2, extra_body={"repetition_penalty": 1.2})
+    assert caught.value.body["param"] == "repetition_penalty"
+
+
+def test_error_shapes(server: str) -> None:
+    malformed = httpx.post(f"{server}/v1/completions", content=b'{"model": ', timeout=10,
+                           headers={"Authorization": "Bearer user-key", "content-type": "application/json"})
+    assert malformed.status_code == 400 and malformed.json()["error"]["param"] is None
+    wrong_method = httpx.put(f"{server}/v1/completions", headers={"Authorization": "Bearer user-key"})
+    assert wrong_method.json()["error"]["type"] == "invalid_request_error"
+    wrong_task = post(server, "/v1/completions", {"model": "lora-cls", "prompt": "Hi"})
+    assert wrong_task.json()["error"]["code"] == "wrong_task"
+    alone = post(server, "/v1/completions",
+                 {"model": "base", "prompt": "Hi", "stream_options": {"include_usage": True}})
+    assert alone.status_code == 400 and alone.json()["error"]["param"] == "stream_options"
+    too_many = post(server, "/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "x"}],
+                                                     "max_completion_tokens": 10**6})
+    assert too_many.json()["error"]["param"] == "max_completion_tokens"

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from service.api.disconnect import unless_client_leaves
 from service.api.schemas import (
     ClassificationResult,
     ClassifyRequest,
@@ -74,9 +75,9 @@ async def generate(
     )
     payload = await inference.prepare_generation(body.adapter, params)
     if body.stream:
-        return StreamingResponse(_events(inference, payload, body.adapter), media_type="text/event-stream",
+        return StreamingResponse(_events(inference.stream([payload]), body.adapter), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    generation = await inference.generate(payload)
+    (generation,) = await unless_client_leaves(request, inference.generate([payload]))
     return GenerateResponse(
         adapter=body.adapter, text=generation.text, generated_tokens=generation.generated_tokens,
         prompt_tokens=generation.prompt_tokens, finish_reason=generation.finish_reason,
@@ -87,10 +88,10 @@ def _sse(event: str, data: dict) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
-async def _events(inference, payload, adapter: str | None) -> AsyncIterator[str]:
+async def _events(rows: AsyncIterator[tuple[int, str | Generation]], adapter: str | None) -> AsyncIterator[str]:
     """Server-sent events: one 'token' per piece of new text, then 'done' with the counts (or 'error')."""
     try:
-        async for item in inference.stream(payload):
+        async for _, item in rows:
             if isinstance(item, Generation):
                 yield _sse("done", GenerateResponse(
                     adapter=adapter, text=item.text, generated_tokens=item.generated_tokens,

@@ -13,13 +13,14 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from service.api.disconnect import unless_client_leaves
 from service.api.errors import openai_error, status_of
 from service.api.openai_schemas import (
     AssistantMessage,
@@ -130,16 +131,17 @@ async def _prepare(
     body.refuse_unsupported()
     limit = inference.settings.max_new_tokens_limit
     if any(p.max_new_tokens is not None and p.max_new_tokens > limit for p in prompts):
-        raise InvalidRequest(f"max_tokens {prompts[0].max_new_tokens} exceeds the limit of {limit}", "max_tokens")
-    if len(prompts) * body.n > inference.settings.max_inputs_per_request:
-        raise InvalidRequest(f"{len(prompts)} prompts x n={body.n} choices is more than the "
+        raise InvalidRequest(f"{body.max_tokens_field()} {prompts[0].max_new_tokens} exceeds the limit of {limit}",
+                             body.max_tokens_field())
+    if len(prompts) * body.choices_per_prompt() > inference.settings.max_inputs_per_request:
+        raise InvalidRequest(f"{len(prompts)} prompts x n={body.choices_per_prompt()} choices is more than the "
                              f"{inference.settings.max_inputs_per_request} rows one request may ask for", "n")
     payloads = []
     for params in prompts:
-        for choice in range(body.n):
-            seed = None if body.seed is None else body.seed + choice
+        for choice in range(body.choices_per_prompt()):
+            seed = None if body.seed is None else (body.seed + choice) % 2**64
             payloads.append(await inference.prepare_generation(adapter, replace(params, seed=seed)))
-    return _Choices(payloads, body.n)
+    return _Choices(payloads, body.choices_per_prompt())
 
 
 def _sampling(body: OpenAIRequest, max_new_tokens: int | None) -> dict:
@@ -159,7 +161,7 @@ async def completions(
     identity = _Identity(f"cmpl-{uuid.uuid4().hex}", body.model)
     if body.stream:
         return _stream(inference, choices, identity, _include_usage(body), chat=False)
-    generations = await _all(inference.generate(p) for p in choices.payloads)
+    generations = await unless_client_leaves(request, inference.generate(choices.payloads))
     return Completion(
         id=identity.id, created=identity.created, model=body.model, usage=_usage(choices, generations),
         choices=[CompletionChoice(index=i, text=g.text, finish_reason=_finish_reason(g))
@@ -182,7 +184,7 @@ async def chat_completions(
     identity = _Identity(f"chatcmpl-{uuid.uuid4().hex}", body.model)
     if body.stream:
         return _stream(inference, choices, identity, _include_usage(body), chat=True)
-    generations = await _all(inference.generate(p) for p in choices.payloads)
+    generations = await unless_client_leaves(request, inference.generate(choices.payloads))
     return ChatCompletion(
         id=identity.id, created=identity.created, model=body.model, usage=_usage(choices, generations),
         choices=[ChatChoice(index=i, message=AssistantMessage(content=g.text), finish_reason=_finish_reason(g))
@@ -190,32 +192,20 @@ async def chat_completions(
     )
 
 
-def _text_of(content: str | list | None, index: int) -> str:
+def _text_of(content: str | list[dict[str, Any]] | None, index: int) -> str:
     if content is None or isinstance(content, str):
         return content or ""
     texts = []
     for part in content:
-        if not isinstance(part, dict) and part.type == "text":
-            texts.append(part.text)
-        else:
-            kind = part.get("type") if isinstance(part, dict) else None
-            raise InvalidRequest(f"messages[{index}].content: only text parts are served, not {kind!r}",
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise InvalidRequest(f"messages[{index}].content: only text parts are served, not {part.get('type')!r}",
                                  f"messages.{index}.content")
+        texts.append(part["text"])
     return "".join(texts)
 
 
 def _include_usage(body: OpenAIRequest) -> bool:
-    return body.stream_options is not None and body.stream_options.include_usage
-
-
-async def _all(awaitables: Iterable[Awaitable[T]]) -> list[T]:
-    """All results in order; the first failure cancels the others and is raised as it is."""
-    tasks = [asyncio.ensure_future(a) for a in awaitables]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for task in tasks:
-            task.cancel()
+    return body.stream_options is not None and bool(body.stream_options.include_usage)
 
 
 # -- streams -----------------------------------------------------------------------------------------------------
@@ -238,35 +228,9 @@ def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _merged(inference: InferenceService, payloads: Sequence[GeneratePayload]
-                  ) -> AsyncIterator[tuple[int, str | Generation]]:
-    """(choice index, piece of text or the finished Generation) from every row, in the order they come."""
-    queue: asyncio.Queue[tuple[int, str | Generation | Exception]] = asyncio.Queue()
-
-    async def pump(index: int, payload: GeneratePayload) -> None:
-        try:
-            async for item in inference.stream(payload):
-                queue.put_nowait((index, item))
-        except Exception as error:  # told to the client as the stream's last chunk
-            queue.put_nowait((index, error))
-
-    tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(payloads)]
-    try:
-        finished = 0
-        while finished < len(tasks):
-            index, item = await queue.get()
-            if isinstance(item, Exception):
-                raise item
-            finished += isinstance(item, Generation)
-            yield index, item
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
 async def _chunks(
-    inference: InferenceService, choices: _Choices, include_usage: bool, chunk: Callable[[dict | None], dict],
-    start: dict | None,
+    rows: AsyncIterator[tuple[int, str | Generation]], choices: _Choices, include_usage: bool,
+    chunk: Callable[[dict | None], dict], start: dict | None,
 ) -> AsyncIterator[dict]:
     """OpenAI's stream for any route: ``chunk(choice)`` wraps one choice's delta; ``start`` opens each choice."""
     generations: list[Generation] = []
@@ -274,7 +238,7 @@ async def _chunks(
         if start is not None:
             for index in range(len(choices.payloads)):
                 yield chunk({"index": index, **start, "logprobs": None, "finish_reason": None})
-        async for index, item in _merged(inference, choices.payloads):
+        async for index, item in rows:
             if isinstance(item, Generation):
                 generations.append(item)
                 yield chunk({"index": index, **_empty_delta(start), "logprobs": None,
@@ -307,7 +271,7 @@ def _stream(inference: InferenceService, choices: _Choices, identity: _Identity,
         return body | ({"usage": None} if include_usage else {})
 
     start = {"delta": {"role": "assistant", "content": ""}} if chat else None
-    return _sse(_chunks(inference, choices, include_usage, chunk, start))
+    return _sse(_chunks(inference.stream(choices.payloads), choices, include_usage, chunk, start))
 
 
 def _error_chunk(error: ServiceError) -> dict:
