@@ -179,7 +179,7 @@ class GenerationEngine:
 
     def _advance_all(self, logits: torch.Tensor, rows: list[_Sequence], events: list[Event]) -> None:
         runner = self._runner
-        tokens = runner.sample(logits.float(), [(row.job.params, row.generator) for row in rows])
+        tokens = runner.sample(logits, [(row.job.params, row.generator) for row in rows])
         for row, token in zip(rows, tokens):
             row.finish_reason = runner.advance(row, token)
             token_events(row, events)

@@ -199,7 +199,9 @@ def test_a_released_slot_is_zeroed_again_before_the_next_row_reads_it(small_cach
 
 
 def test_non_finite_logits_fail_the_step(runner: ModelRunner) -> None:
-    logits = torch.zeros(2, 8)
-    logits[1, 3] = float("nan")
-    with pytest.raises(FloatingPointError):
-        runner.sample(logits, [(GenerationParams(prompt="x"), None)] * 2)
+    for dtype in (torch.float32, torch.bfloat16):
+        for bad in (float("nan"), float("inf")):
+            logits = torch.zeros(2, 8, dtype=dtype)
+            logits[1, 3] = bad
+            with pytest.raises(FloatingPointError):
+                runner.sample(logits, [(GenerationParams(prompt="x"), None)] * 2)

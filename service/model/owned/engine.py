@@ -227,7 +227,7 @@ class OwnedEngine:
                 vocabulary = None if row.adapter is None else row.adapter.vocabulary
                 if vocabulary is not None and vocabulary.changes_output:
                     logits[index] = vocabulary.logits(hidden[index], logits[index])
-            tokens = self._runner.sample(logits.float(), [(row.job.params, row.generator) for row in sampling])
+            tokens = self._runner.sample(logits, [(row.job.params, row.generator) for row in sampling])
         # Nothing of the step counts until here: a failure above leaves every row as it was, to be run again.
         for row, count in chunks:
             row.fed += count
