@@ -18,7 +18,7 @@ import torch
 
 from service.model.adapters import LoadedAdapter
 from service.model.buckets import length_buckets
-from service.model.events import Admission, Event, FailedEvent, new_generator, token_events
+from service.model.events import Admission, Event, FailedEvent, seeded, token_events
 from service.model.events import RowState as _Sequence
 from service.model.kv_cache import KVCache, stack_right_aligned
 from service.model.runner import ModelRunner
@@ -151,11 +151,10 @@ class GenerationEngine:
 
     def _admit(self, admitted: Sequence[Admission], events: list[Event]) -> None:
         runner = self._runner
-        rows = [
-            _Sequence(handle=handle, adapter=adapter, job=job,
-                      generator=new_generator(job.params.seed, runner.base.device))
-            for handle, adapter, job in admitted
-        ]
+        rows = [_Sequence(handle=handle, adapter=adapter, job=job, generator=generator)
+                for (handle, adapter, job), generator in seeded(admitted, runner.base.device, events)]
+        if not rows:
+            return
         adapters = [row.adapter for row in rows]
         ids, mask, positions, cache = runner.start(adapters, [row.job.prompt_ids for row in rows])
         with runner.lora_routing(adapters):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from service.domain import Generation
+from service.errors import InvalidRequest
 from service.model.adapters import LoadedAdapter
 from service.model.runner import GenerationJob
 
@@ -78,3 +79,16 @@ def new_generator(seed: int | None, device: torch.device) -> torch.Generator | N
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return generator
+
+
+def seeded(admitted: Sequence[Admission], device: torch.device,
+           events: list[Event]) -> list[tuple[Admission, torch.Generator | None]]:
+    """Each admitted row with its sampler; a row whose seed cannot seed one fails alone, before it joins a step
+    (the request side refuses such seeds; this keeps one that slipped through from failing its neighbours)."""
+    rows: list[tuple[Admission, torch.Generator | None]] = []
+    for handle, adapter, job in admitted:
+        try:
+            rows.append(((handle, adapter, job), new_generator(job.params.seed, device)))
+        except (ValueError, RuntimeError, OverflowError) as error:
+            events.append(FailedEvent(handle, adapter, InvalidRequest(f"seed {job.params.seed}: {error}", "seed")))
+    return rows

@@ -8,8 +8,9 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from service.domain import GenerationParams
+from service.errors import InvalidRequest
 from service.model.engine import GenerationEngine
-from service.model.events import DoneEvent, TokenEvent
+from service.model.events import DoneEvent, FailedEvent, TokenEvent
 from service.model.generation import generate
 from service.model.owned.engine import OwnedEngine
 from service.model.runner import GenerationJob, ModelRunner
@@ -97,3 +98,17 @@ def test_cancelled_row_is_dropped_at_the_next_step(runner: ModelRunner, make_eng
     assert any(isinstance(e, DoneEvent) and e.handle == 1 and e.generation.finish_reason == "cancelled"
                for e in events)
     assert engine.active == 1
+
+
+def test_a_seed_that_cannot_seed_a_sampler_fails_its_row_alone(runner: ModelRunner,
+                                                               make_engine: Callable[[], Engine]) -> None:
+    engine = make_engine()
+    good = _job(runner, "keep going", 4)
+    bad = GenerationJob(GenerationParams(prompt="x", max_new_tokens=4, temperature=1.0, seed=2**70),
+                        runner.base.tokenizer("x")["input_ids"])
+    events = engine.step([(0, None, good), (1, None, bad)])
+    failed = [e for e in events if isinstance(e, FailedEvent)]
+    assert [e.handle for e in failed] == [1] and isinstance(failed[0].error, InvalidRequest)
+    while engine.active:
+        events += engine.step()
+    assert any(isinstance(e, DoneEvent) and e.handle == 0 for e in events)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from service.model.adapters import LoadedAdapter
-from service.model.events import Admission, Event, FailedEvent, RowState, new_generator, token_events
+from service.model.events import Admission, Event, FailedEvent, RowState, seeded, token_events
 from service.model.owned.llama import Chunk, StepBatch
 from service.model.owned.model import OwnedModel
 from service.model.prompt_tuning import virtual_ids, virtual_index
@@ -84,10 +84,8 @@ class OwnedEngine:
     def step(self, admitted: Sequence[Admission] = ()) -> list[Event]:
         events: list[Event] = []
         device = self._runner.base.device
-        self._waiting += [
-            _Row(handle=handle, adapter=adapter, job=job, generator=new_generator(job.params.seed, device))
-            for handle, adapter, job in admitted
-        ]
+        self._waiting += [_Row(handle=handle, adapter=adapter, job=job, generator=generator)
+                          for (handle, adapter, job), generator in seeded(admitted, device, events)]
         with torch.inference_mode():
             self._drop_cancelled(events)
             self._claim_slots(events)
