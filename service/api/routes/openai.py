@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -44,11 +44,12 @@ from service.store.store import RESERVED_NAME as BASE_NAME
 from service.worker import GeneratePayload
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 _OWNER = "adapter-service"
 _STARTED = int(time.time())
 _ERRORS = {status: {"model": OpenAIError} for status in (400, 401, 404, 413, 429, 500, 503, 504)}
+_STREAMED = {200: {"content": {"text/event-stream": {}},
+                   "description": "With stream=true: OpenAI's chunks as server-sent events, then [DONE]."}}
 router = APIRouter(prefix="/v1", tags=["openai"], responses=_ERRORS)
 
 
@@ -67,37 +68,37 @@ def _adapter_of(model: str, state: AppState) -> str | None:
 @router.get("/models", response_model=ModelList)
 async def list_models(inference: Inference, state: State) -> ModelList:
     """The base (as ``base`` and under its id) and every adapter that can generate now (quarantined ones cannot)."""
-    base_id = state.settings.base_model_id
-    cards = [ModelCard(id=name, created=_STARTED, owned_by=_OWNER, root=base_id, parent=None)
-             for name in (BASE_NAME, base_id)]
     if not inference.runner.base.family.can_generate:
         return ModelList(data=[])
+    base_id = state.settings.base_model_id
     infos = await asyncio.to_thread(inference.store.list)
-    cards += [ModelCard(id=info.name, created=await asyncio.to_thread(_created, info.path), owned_by=_OWNER,
-                        root=base_id, parent=base_id)
-              for info in infos
-              if info.task is Task.GENERATION and inference.quarantine.failure(info) is None
-              and info.name not in _base_names(state)]
-    return ModelList(data=cards)
+    servable = [info for info in infos
+                if info.task is Task.GENERATION and inference.quarantine.failure(info) is None
+                and info.name not in _base_names(state)]
+    adapters = await asyncio.to_thread(lambda: [_card(info.name, base_id, info.path) for info in servable])
+    return ModelList(data=[_card(BASE_NAME, base_id), _card(base_id, base_id), *adapters])
 
 
 @router.get("/models/{model:path}", response_model=ModelCard)
 async def get_model(model: str, inference: Inference, state: State) -> ModelCard:
     base_id = state.settings.base_model_id
     if model in _base_names(state):
-        return ModelCard(id=model, created=_STARTED, owned_by=_OWNER, root=base_id, parent=None)
+        return _card(model, base_id)
     info = await asyncio.to_thread(inference.store.get, model)
     if info.task is not Task.GENERATION:
         raise AdapterNotFound(f"{model!r} is a {info.task.value} adapter, not a model that generates")
-    return ModelCard(id=model, created=await asyncio.to_thread(_created, info.path), owned_by=_OWNER,
-                     root=base_id, parent=base_id)
+    return await asyncio.to_thread(_card, model, base_id, info.path)
 
 
-def _created(path: str) -> int:
+def _card(name: str, base_id: str, path: str | None = None) -> ModelCard:
+    """The base's card (no path), or an adapter's, dated by its folder (a stat: call it off the event loop)."""
+    if path is None:
+        return ModelCard(id=name, created=_STARTED, owned_by=_OWNER, root=base_id, parent=None)
     try:
-        return int(os.stat(path).st_mtime)
+        created = int(os.stat(path).st_mtime)
     except OSError:
-        return _STARTED
+        created = _STARTED
+    return ModelCard(id=name, created=created, owned_by=_OWNER, root=base_id, parent=base_id)
 
 
 # -- generation --------------------------------------------------------------------------------------------------
@@ -149,9 +150,7 @@ def _sampling(body: OpenAIRequest, max_new_tokens: int | None) -> dict:
                 top_p=1.0 if body.top_p is None else body.top_p, stop=body.stop_strings())
 
 
-@router.post("/completions", response_model=Completion,
-             responses={200: {"content": {"text/event-stream": {}},
-                              "description": "With stream=true: OpenAI's chunks as server-sent events, then [DONE]."}})
+@router.post("/completions", response_model=Completion, responses=_STREAMED)
 async def completions(
     body: CompletionRequest, request: Request, inference: Inference, state: State
 ) -> Completion | StreamingResponse:
@@ -169,9 +168,7 @@ async def completions(
     )
 
 
-@router.post("/chat/completions", response_model=ChatCompletion,
-             responses={200: {"content": {"text/event-stream": {}},
-                              "description": "With stream=true: OpenAI's chunks as server-sent events, then [DONE]."}})
+@router.post("/chat/completions", response_model=ChatCompletion, responses=_STREAMED)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, inference: Inference, state: State
 ) -> ChatCompletion | StreamingResponse:
