@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from tests.servers import free_port
+from tests.servers import free_port, wait_until_ready
 
 PROMETHEUS_BINARY = shutil.which("prometheus")
 
@@ -78,16 +78,7 @@ def running_prometheus(config: dict, workdir: Path, timeout: float = 30.0) -> It
         )
     prometheus = Prometheus(f"http://127.0.0.1:{port}", process, log)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert process.poll() is None, f"Prometheus exited with {process.returncode}:\n{prometheus.log_tail()}"
-            assert time.monotonic() < deadline, f"Prometheus was not ready in {timeout:g} s:\n{prometheus.log_tail()}"
-            try:
-                if httpx.get(f"{prometheus.url}/-/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        wait_until_ready(prometheus.url, timeout, "/-/ready", process, prometheus.log_tail)
         yield prometheus
     finally:
         _stop(process)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import httpx
@@ -19,16 +20,21 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_until_ready(url: str, timeout: float = 180.0) -> None:
+def wait_until_ready(url: str, timeout: float = 180.0, ready_path: str = "/ready",
+                     process: subprocess.Popen | None = None, log: Callable[[], str] | None = None) -> None:
+    """Poll ``url + ready_path`` until it answers 200; fail at once if ``process`` exits, with ``log()`` told."""
+    tail = (lambda: f":\n{log()}") if log is not None else (lambda: "")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"{url} exited with {process.returncode} before it was ready{tail()}")
         try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+            if httpx.get(f"{url}{ready_path}", timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.1)
-    raise AssertionError(f"{url} did not become ready in {timeout:g} s")
+    raise AssertionError(f"{url} did not become ready in {timeout:g} s{tail()}")
 
 
 @contextmanager
