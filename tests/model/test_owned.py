@@ -16,7 +16,8 @@ from service.model.events import DoneEvent, FailedEvent
 from service.model.generation import Engines, generate
 from service.model.loading import load_base_model
 from service.model.owned.engine import OwnedEngine
-from service.model.owned.slot_cache import CacheShape, SlotCache
+from service.model.owned.ops import KernelOps, TorchOps
+from service.model.owned.slot_cache import CacheLimits, CacheShape, SlotCache
 from service.model.runner import GenerationJob, ModelRunner
 from service.settings import Settings
 from service.store.store import AdapterStore
@@ -37,11 +38,22 @@ def transformers_runner(tiny_base: Path) -> ModelRunner:
     return ModelRunner(loaded, forward="transformers")
 
 
-def test_owned_and_transformers_paths_agree_on_a_mixed_batch(runner: ModelRunner, transformers_runner: ModelRunner,
-                                                             store: AdapterStore) -> None:
-    assert runner.owned is not None and transformers_runner.owned is None
+@pytest.fixture(scope="module")
+def torch_ops_runner(tiny_base: Path) -> ModelRunner:
+    loaded = load_base_model(Settings(base_model=str(tiny_base), base_model_aliases=[TINY_ID]))
+    return ModelRunner(loaded, limits=CacheLimits(cpu_kernels=False))
+
+
+@pytest.mark.parametrize("ops", ["fused kernels", "torch ops"])
+def test_owned_and_transformers_paths_agree_on_a_mixed_batch(runner: ModelRunner, torch_ops_runner: ModelRunner,
+                                                             transformers_runner: ModelRunner, store: AdapterStore,
+                                                             ops: str) -> None:
+    owned = runner if ops == "fused kernels" else torch_ops_runner
+    assert owned.owned is not None and transformers_runner.owned is None
+    expected = KernelOps if ops == "fused kernels" and shutil.which("c++") else TorchOps
+    assert isinstance(owned.owned.forward.ops, expected)
     texts = []
-    for each in (runner, transformers_runner):
+    for each in (owned, transformers_runner):
         adapters = [each.load(store.get(name)) if name else None for name, _, _ in ROWS]
         texts.append([g.text for g in generate(each, adapters, [_job(each, p, n) for _, p, n in ROWS])])
         for adapter in adapters:

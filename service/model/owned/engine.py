@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from service.model.adapters import LoadedAdapter
 from service.model.events import Admission, Event, FailedEvent, RowState, seeded, token_events
-from service.model.owned.llama import Chunk, StepBatch
+from service.model.owned.batch import Chunk, StepBatch
 from service.model.owned.model import OwnedModel
 from service.model.prompt_tuning import virtual_ids, virtual_index
 from service.model.runner import GenerationJob, ModelRunner

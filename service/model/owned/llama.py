@@ -12,7 +12,6 @@ input embeddings.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from service.model.owned.batch import StepBatch
 from service.model.owned.matmul import Matmul, fuse
+from service.model.owned.ops import StepOps, TorchOps
 from service.model.owned.slot_cache import SlotCache
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -44,37 +45,6 @@ def unsupported_reason(model: PreTrainedModel) -> str | None:
     return None
 
 
-@dataclass
-class Chunk:
-    """A piece of one row's prompt in this step: ``length`` tokens from cache position ``start``, at ``offset`` in
-    the flat batch."""
-
-    slot: int
-    start: int
-    length: int
-    offset: int
-    _mask: torch.Tensor | None = None
-
-    def mask(self, device: torch.device) -> torch.Tensor:
-        """Causal over the chunk, after every earlier entry of the row (prefix, earlier chunks); made once a step."""
-        if self._mask is None:
-            rows = torch.arange(self.length, device=device)[:, None] + self.start
-            self._mask = torch.arange(self.start + self.length, device=device)[None, :] <= rows
-        return self._mask
-
-
-@dataclass
-class StepBatch:
-    embeddings: torch.Tensor  # [tokens, hidden]
-    positions: torch.Tensor  # [tokens]
-    decode_slots: torch.Tensor  # [decode rows]: their cache slots, ascending; their tokens come first
-    chunks: list[Chunk]
-
-    @property
-    def decode_rows(self) -> int:
-        return self.decode_slots.shape[0]
-
-
 class StepAdapters(Protocol):
     """What the forward asks of the step's adapters, per layer and module (``None``: nothing to do)."""
 
@@ -95,28 +65,10 @@ class _Layer:
     down: Matmul
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    dtype = x.dtype
-    x = x.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x.to(dtype)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of x [tokens, heads, dim] with cos/sin [tokens, 1, dim] (HF's rotate-half layout)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
 class LlamaForward:
-    def __init__(self, model: PreTrainedModel, packed: bool = False, compile_pointwise: bool = False) -> None:
+    def __init__(self, model: PreTrainedModel, packed: bool = False, ops: StepOps | None = None) -> None:
         config = model.config
+        self.ops: StepOps = ops if ops is not None else TorchOps()
         self.config = config
         self.heads: int = config.num_attention_heads
         self.kv_heads: int = getattr(config, "num_key_value_heads", None) or self.heads
@@ -163,13 +115,6 @@ class LlamaForward:
         scaling = rotary.attention_scaling
         self.cos = (angles.cos() * scaling).to(self.embed.dtype)
         self.sin = (angles.sin() * scaling).to(self.embed.dtype)
-        self._norm: Callable = rms_norm
-        self._rotate: Callable = rotate
-        self._silu_mul: Callable = silu_mul
-        if compile_pointwise:
-            self._norm = torch.compile(rms_norm, dynamic=True)
-            self._rotate = torch.compile(rotate, dynamic=True)
-            self._silu_mul = torch.compile(silu_mul, dynamic=True)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -180,37 +125,28 @@ class LlamaForward:
         """The final-normed hidden state of the flat tokens at ``wanted`` (indices), after writing every token's
         keys/values into its row's slot."""
         x = batch.embeddings
-        cos = self.cos[batch.positions].unsqueeze(1)
-        sin = self.sin[batch.positions].unsqueeze(1)
-        decode = batch.decode_rows
-        attend = _DecodeAttention(batch, cache, self.heads) if decode else None
+        ops = self.ops
+        attend = ops.attention(batch, cache, self.heads)
+        tokens = x.shape[0]
+        rotated = self.heads + self.kv_heads
+        h = ops.add_norm(x, None, self.layers[0].input_norm, self.eps)
         for index, layer in enumerate(self.layers):
-            h = self._norm(x, layer.input_norm, self.eps)
             qkv = layer.qkv(h)
             if adapters is not None:
                 self._adapt(adapters, index, h, qkv, ("q_proj", "k_proj", "v_proj"))
-            tokens = qkv.shape[0]
-            q = self._rotate(qkv[:, :self.q_size].view(tokens, self.heads, self.head_dim), cos, sin)
-            k = self._rotate(qkv[:, self.q_size:self.q_size + self.kv_size].view(tokens, self.kv_heads,
-                                                                                   self.head_dim), cos, sin)
+            ops.rotate(qkv, rotated, self.head_dim, self.cos, self.sin, batch.positions)
+            q = qkv[:, :self.q_size].view(tokens, self.heads, self.head_dim)
+            k = qkv[:, self.q_size:self.q_size + self.kv_size].view(tokens, self.kv_heads, self.head_dim)
             v = qkv[:, self.q_size + self.kv_size:].view(tokens, self.kv_heads, self.head_dim)
-            keys, values = cache.keys[index], cache.values[index]
-            out = q.new_empty((tokens, self.heads, self.head_dim))
-            if attend is not None:
-                out[:decode] = attend(q[:decode], k[:decode], v[:decode], keys, values)
-            for chunk in batch.chunks:
-                rows = slice(chunk.offset, chunk.offset + chunk.length)
-                out[rows] = _chunk_attention(chunk, q[rows], k[rows], v[rows], keys, values)
-            attention = out.view(tokens, self.q_size)
+            attention = attend(index, q, k, v).reshape(tokens, self.q_size)
             o = layer.o(attention)
             if adapters is not None:
                 self._adapt(adapters, index, attention, o, ("o_proj",))
-            x = x + o
-            h = self._norm(x, layer.post_norm, self.eps)
+            h = ops.add_norm(x, o, layer.post_norm, self.eps)
             gate_up = layer.gate_up(h)
             if adapters is not None:
                 self._adapt(adapters, index, h, gate_up, ("gate_proj", "up_proj"))
-            act = self._silu_mul(gate_up)
+            act = ops.silu_mul(gate_up)
             if adapters is not None:
                 scale = adapters.scale(index, "down_proj", of_input=True)
                 if scale is not None:
@@ -218,8 +154,9 @@ class LlamaForward:
             down = layer.down(act)
             if adapters is not None:
                 self._adapt(adapters, index, act, down, ("down_proj",))
-            x = x + down
-        return self._norm(x[wanted], self.final_norm, self.eps)
+            following = self.layers[index + 1].input_norm if index + 1 < len(self.layers) else self.final_norm
+            h = ops.add_norm(x, down, following, self.eps)
+        return h[wanted]
 
     def _adapt(self, adapters: StepAdapters, layer: int, x: torch.Tensor, output: torch.Tensor,
                names: tuple[str, ...]) -> None:
@@ -233,57 +170,3 @@ class LlamaForward:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head, self.lm_head_bias)
-
-
-class _DecodeAttention:
-    """Attention of the decode rows (one new token each) over the span of slots they occupy, as a view."""
-
-    def __init__(self, batch: StepBatch, cache: SlotCache, heads: int) -> None:
-        slots = batch.decode_slots
-        self.slots = slots
-        self.positions = batch.positions[:slots.shape[0]]
-        self.low = int(slots[0])
-        high = int(slots[-1]) + 1
-        self.span = high - self.low
-        self.length = int(self.positions.max()) + 1
-        self.dense = self.span == slots.shape[0]  # rows fill their span: no holes to scatter into
-        self.index = slots - self.low
-        columns = torch.arange(self.length, device=slots.device)
-        lengths = torch.zeros(self.span, dtype=torch.long, device=slots.device)
-        lengths[self.index] = self.positions + 1  # holes attend to nothing (their output is never read)
-        mask = columns[None, :] < lengths[:, None]
-        mask[:, 0] = True  # a hole still needs one key, or its softmax is NaN
-        self.mask = mask[:, None, None, :]
-        self.heads = heads
-        cache.ensure_finite(self.low, high, self.length)
-
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
-                 values: torch.Tensor) -> torch.Tensor:
-        keys[self.slots, :, self.positions] = k
-        values[self.slots, :, self.positions] = v
-        span = slice(self.low, self.low + self.span)
-        if self.dense:
-            query = q.unsqueeze(2)  # [rows, heads, 1, dim]
-        else:
-            query = q.new_zeros((self.span, self.heads, 1, q.shape[-1]))
-            query[self.index] = q.unsqueeze(2)
-        out = F.scaled_dot_product_attention(
-            query, keys[span, :, :self.length], values[span, :, :self.length], attn_mask=self.mask, enable_gqa=True,
-        )
-        return (out if self.dense else out[self.index]).squeeze(2)
-
-
-def _chunk_attention(chunk: Chunk, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
-                     values: torch.Tensor) -> torch.Tensor:
-    end = chunk.start + chunk.length
-    keys[chunk.slot, :, chunk.start:end] = k.transpose(0, 1)
-    values[chunk.slot, :, chunk.start:end] = v.transpose(0, 1)
-    query = q.transpose(0, 1).unsqueeze(0)  # [1, heads, length, dim]
-    key_view = keys[chunk.slot:chunk.slot + 1, :, :end]
-    value_view = values[chunk.slot:chunk.slot + 1, :, :end]
-    if chunk.start == 0:
-        out = F.scaled_dot_product_attention(query, key_view, value_view, is_causal=True, enable_gqa=True)
-    else:
-        out = F.scaled_dot_product_attention(query, key_view, value_view, attn_mask=chunk.mask(q.device),
-                                             enable_gqa=True)
-    return out[0].transpose(0, 1)

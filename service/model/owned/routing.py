@@ -2,9 +2,11 @@
 
 The resident pools (gathered LoRA, IA3) stay the single home of adapter tensors; this maps the owned forward's
 (layer, module) to their stacks and gives each step the rows' slots. A prompt chunk (many tokens of one row) uses
-its adapter's matrices directly. Decode rows (one token each) read their LoRA matrices from ``RowLora``: a copy per
-cache slot, written when a row is admitted, so a step takes a view of the rows' span like the KV cache does, where
-gathering every row's matrices again whenever a row joined or left cost more than the LoRA matmuls themselves.
+its adapter's matrices directly. With the fused CPU kernels, every token's delta comes from one kernel call per
+module that reads each token's adapter straight from the pool (``lora_delta_``, Punica's BGMV). Without them,
+decode rows (one token each) read their LoRA matrices from ``RowLora``: a copy per cache slot, written when a row
+is admitted, so a step takes a view of the rows' span like the KV cache does, where gathering every row's matrices
+again whenever a row joined or left cost more than the LoRA matmuls themselves.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from service.model.adapters import LoadedAdapter
 from service.model.gathered import GatheredLora
 from service.model.ia3 import IA3Pool
 from service.model.owned.llama import MODULES, LlamaForward
+from service.model.owned.ops import KernelOps
 from service.model.slots import NO_ADAPTER
 
 # IA3 vectors the owned forward applies: on any module's output, and on down_proj's input (PEFT's feed-forward
@@ -33,6 +36,7 @@ class OwnedAdapters:
         self.gathered = gathered
         self.ia3 = ia3
         self.rows = RowLora(slots)
+        self.kernel_lora = isinstance(forward.ops, KernelOps)  # else bmm over RowLora's per-slot copies
         self._layer_ids = {id(module) for modules in forward.modules for module in modules.values()}
         self._paths = [{name: f"model.layers.{index}.{'self_attn' if name[0] in 'qkvo' else 'mlp'}.{name}"
                         for name in MODULES} for index in range(len(forward.modules))]
@@ -58,6 +62,8 @@ class OwnedAdapters:
 
     def admit(self, cache_slot: int, adapter: LoadedAdapter | None) -> None:
         """A row joins in ``cache_slot``: its LoRA matrices (or zeros) are written there for its decode steps."""
+        if self.kernel_lora:
+            return  # the kernel reads the pool itself
         name = adapter.peft_name if adapter is not None and adapter.peft_name is not None else None
         self.rows.admit(cache_slot, self.gathered.slots([name])[0] if name in self.gathered else NO_ADAPTER,
                         self.gathered)
@@ -119,9 +125,17 @@ class StepAdapters:
         self._chunk_tokens = chunk_tokens
         self._lora_slots: list[int] = []
         self._decode_lora = False
+        self._token_lora: torch.Tensor | None = None  # with the kernel: each token's pool slot (-1: none)
         if lora is not None:
             self._lora_slots = owned.gathered.slots(lora)
-            self._decode_lora = any(slot != NO_ADAPTER for slot in self._lora_slots[:decode_rows])
+            if owned.kernel_lora:
+                per_token: list[int] = []
+                for slot, count in zip(self._lora_slots, [1] * decode_rows + chunk_tokens):
+                    per_token += [slot if slot != NO_ADAPTER else -1] * count
+                self._token_lora = torch.tensor(per_token, dtype=torch.long, device=device)
+                self._lora_slots = []
+            else:
+                self._decode_lora = any(slot != NO_ADAPTER for slot in self._lora_slots[:decode_rows])
         if self._decode_lora:
             self._low, high = decode_slots[0], decode_slots[-1] + 1
             self._span = high - self._low
@@ -135,6 +149,11 @@ class StepAdapters:
                                                       torch.tensor(counts, device=device))
 
     def add_lora(self, layer: int, module: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        if self._token_lora is not None:
+            stack = self._owned.gathered.stack(self._owned.forward.modules[layer][module])
+            if stack is not None:
+                torch.ops.adapter_service.lora_delta_(x, stack.a, stack.b, self._token_lora, out)
+            return
         if not self._lora_slots:
             return
         gathered = self._owned.gathered

@@ -1,0 +1,435 @@
+// The owned forward's fused CPU kernels: what a decode step runs between its matmuls, one pass each instead of
+// the dozen small torch ops (and the flash-attention kernel built for long queries) that cost more in dispatch
+// than in arithmetic at a step's sizes. Math is in float32, in ATen's SIMD vectors, whatever the tensors hold;
+// values are rounded to the tensor's dtype where the torch reference (ops.py) rounds them, so results match it.
+//
+// Registered as torch.ops.adapter_service.*; built for the CPU at hand by service/model/owned/kernels.py.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = Vec::size();
+
+// -- scalar and vector loads/stores in float32, rounding through the tensor's dtype ------------------------------
+
+template <typename T>
+inline float scalar(T v) { return static_cast<float>(v); }
+
+template <typename T>
+inline float rounded(float v) { return static_cast<float>(static_cast<T>(v)); }
+
+template <typename T>
+inline Vec load_floats(const T* p) {
+  Vec out;
+  at::vec::load_to_float(p, out);
+  return out;
+}
+template <>
+inline Vec load_floats<float>(const float* p) { return Vec::loadu(p); }
+
+template <typename T>
+inline void store_floats(T* p, const Vec& v) { at::vec::convert_from_float<T>(v, v).store(p, kLanes); }
+template <>
+inline void store_floats<float>(float* p, const Vec& v) { v.store(p); }
+
+template <typename T>
+inline Vec rounded(const Vec& v) {
+  auto [low, high] = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v, v));
+  (void)high;
+  return low;
+}
+template <>
+inline Vec rounded<float>(const Vec& v) { return v; }
+
+// The dtypes a model runs in: float32, bfloat16, float16.
+#define DISPATCH_MODEL_DTYPES(TYPE, NAME, ...)                       \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                     \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)       \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)    \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
+inline float sum(const Vec& v) { return at::vec::vec_reduce_all<float>(std::plus<Vec>(), v); }
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+  TORCH_CHECK(t.stride(-1) == 1, name, " must be contiguous in its last dimension");
+}
+
+// ---- attention of tokens over their rows' slots ------------------------------------------------------------
+//
+// Token t belongs to cache slot slots[t] at position positions[t]. Its key/value are written there first (all
+// tokens, so a prompt chunk's tokens see each other), then it attends causally over entries [0, position] of its
+// slot: prefix entries, earlier chunks, generated tokens. Query heads are grouped over their key/value head (GQA:
+// head h reads kv head h / group), so each key and value row is read once for its whole group.
+
+template <typename T>
+void slot_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& keys,
+                         at::Tensor& values, const at::Tensor& slots, const at::Tensor& positions, double scale,
+                         at::Tensor& out) {
+  const int64_t tokens = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = keys.size(1), slot_tokens = keys.size(2);
+  const int64_t group = heads / kv_heads, chunks = dim / kLanes;
+  const int64_t q_token = q.stride(0), q_head = q.stride(1);
+  const int64_t k_token = k.stride(0), k_head = k.stride(1);
+  const int64_t v_token = v.stride(0), v_head = v.stride(1);
+  const int64_t o_token = out.stride(0), o_head = out.stride(1);
+  const T* q_ptr = q.data_ptr<T>();
+  const T* k_ptr = k.data_ptr<T>();
+  const T* v_ptr = v.data_ptr<T>();
+  T* keys_ptr = keys.data_ptr<T>();
+  T* values_ptr = values.data_ptr<T>();
+  T* out_ptr = out.data_ptr<T>();
+  const int64_t* slot_ptr = slots.data_ptr<int64_t>();
+  const int64_t* pos_ptr = positions.data_ptr<int64_t>();
+  auto entry = [&](int64_t slot, int64_t head, int64_t position) {
+    return ((slot * kv_heads + head) * slot_tokens + position) * dim;
+  };
+
+  at::parallel_for(0, tokens * kv_heads, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = i / kv_heads, head = i % kv_heads;
+      const int64_t at_entry = entry(slot_ptr[t], head, pos_ptr[t]);
+      std::memcpy(keys_ptr + at_entry, k_ptr + t * k_token + head * k_head, dim * sizeof(T));
+      std::memcpy(values_ptr + at_entry, v_ptr + t * v_token + head * v_head, dim * sizeof(T));
+    }
+  });
+
+  const Vec softmax_scale(static_cast<float>(scale));
+  at::parallel_for(0, tokens * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Vec> query(group * chunks), acc(group * chunks), row(chunks);
+    std::vector<float> scores, totals(group);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = i / kv_heads, head = i % kv_heads;
+      const int64_t length = pos_ptr[t] + 1;
+      scores.resize(group * length);
+      for (int64_t g = 0; g < group; ++g) {
+        const T* src = q_ptr + t * q_token + (head * group + g) * q_head;
+        for (int64_t c = 0; c < chunks; ++c) query[g * chunks + c] = load_floats(src + c * kLanes) * softmax_scale;
+      }
+      const T* key_rows = keys_ptr + entry(slot_ptr[t], head, 0);
+      for (int64_t j = 0; j < length; ++j) {
+        for (int64_t c = 0; c < chunks; ++c) row[c] = load_floats(key_rows + j * dim + c * kLanes);
+        for (int64_t g = 0; g < group; ++g) {
+          Vec products = query[g * chunks] * row[0];
+          for (int64_t c = 1; c < chunks; ++c) products = at::vec::fmadd(query[g * chunks + c], row[c], products);
+          scores[g * length + j] = sum(products);
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        float* sg = scores.data() + g * length;
+        const float top = at::vec::reduce_all<float>(
+            [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, sg, length);
+        const Vec shift(top);
+        at::vec::map([&](Vec x) { return (x - shift).exp_u20(); }, sg, sg, length);
+        totals[g] = at::vec::reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, sg, length);
+      }
+      std::fill(acc.begin(), acc.end(), Vec(0.f));
+      const T* value_rows = values_ptr + entry(slot_ptr[t], head, 0);
+      for (int64_t j = 0; j < length; ++j) {
+        for (int64_t c = 0; c < chunks; ++c) row[c] = load_floats(value_rows + j * dim + c * kLanes);
+        for (int64_t g = 0; g < group; ++g) {
+          const Vec p(scores[g * length + j]);
+          for (int64_t c = 0; c < chunks; ++c) acc[g * chunks + c] = at::vec::fmadd(p, row[c], acc[g * chunks + c]);
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        T* dst = out_ptr + t * o_token + (head * group + g) * o_head;
+        const Vec inverse(1.f / totals[g]);
+        for (int64_t c = 0; c < chunks; ++c) store_floats(dst + c * kLanes, acc[g * chunks + c] * inverse);
+      }
+    }
+  });
+}
+
+at::Tensor slot_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor keys,
+                          at::Tensor values, const at::Tensor& slots, const at::Tensor& positions, double scale) {
+  check_cpu(q, "q");
+  check_cpu(k, "k");
+  check_cpu(v, "v");
+  TORCH_CHECK(keys.is_contiguous() && values.is_contiguous() && keys.sizes() == values.sizes(),
+              "keys and values: contiguous, of one shape");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && keys.dim() == 4, "q/k/v [tokens, heads, dim], "
+              "cache [slots, kv_heads, slot_tokens, dim]");
+  TORCH_CHECK(q.scalar_type() == keys.scalar_type() && k.scalar_type() == keys.scalar_type() &&
+              v.scalar_type() == keys.scalar_type() && values.scalar_type() == keys.scalar_type(),
+              "q, k, v and the cache must share a dtype");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(1) == keys.size(1) &&
+              q.size(2) == keys.size(3) && k.size(2) == keys.size(3) && q.size(1) % keys.size(1) == 0,
+              "head counts or head size do not match the cache");
+  TORCH_CHECK(q.size(2) % kLanes == 0, "head size must be a multiple of ", kLanes);
+  TORCH_CHECK(slots.scalar_type() == at::kLong && positions.scalar_type() == at::kLong && slots.is_contiguous() &&
+              positions.is_contiguous() && slots.numel() == q.size(0) && positions.numel() == q.size(0),
+              "slots and positions: one int64 per token");
+  if (q.size(0) > 0) {
+    TORCH_CHECK(slots.min().item<int64_t>() >= 0 && slots.max().item<int64_t>() < keys.size(0),
+                "a slot outside the cache");
+    TORCH_CHECK(positions.min().item<int64_t>() >= 0 && positions.max().item<int64_t>() < keys.size(2),
+                "a position outside its slot");
+  }
+  auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  DISPATCH_MODEL_DTYPES(q.scalar_type(), "slot_attention", [&] {
+    slot_attention_impl<scalar_t>(q, k, v, keys, values, slots, positions, scale, out);
+  });
+  return out;
+}
+
+// ---- residual add + RMSNorm --------------------------------------------------------------------------------
+//
+// x += residual (in place, rounded to x's dtype), then weight * dtype(x * rsqrt(mean(x^2) + eps)): HF's LlamaRMSNorm
+// after the residual connection, in one pass over the row.
+
+template <typename T>
+void add_rms_norm_impl(at::Tensor& x, const at::Tensor* residual, const at::Tensor& weight, double eps,
+                       at::Tensor& out) {
+  const int64_t rows = x.size(0), width = x.size(1), whole = width - width % kLanes;
+  T* x_ptr = x.data_ptr<T>();
+  const T* r_ptr = residual ? residual->data_ptr<T>() : nullptr;
+  const int64_t r_stride = residual ? residual->stride(0) : 0, x_stride = x.stride(0);
+  const T* w_ptr = weight.data_ptr<T>();
+  T* o_ptr = out.data_ptr<T>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T* xi = x_ptr + i * x_stride;
+      const T* ri = r_ptr ? r_ptr + i * r_stride : nullptr;
+      Vec squares(0.f);
+      float tail = 0.f;
+      for (int64_t d = 0; d < whole; d += kLanes) {
+        Vec value = load_floats(xi + d);
+        if (ri) {
+          value = rounded<T>(value + load_floats(ri + d));
+          store_floats(xi + d, value);
+        }
+        squares = at::vec::fmadd(value, value, squares);
+      }
+      for (int64_t d = whole; d < width; ++d) {
+        float value = scalar(xi[d]);
+        if (ri) {
+          value = rounded<T>(value + scalar(ri[d]));
+          xi[d] = static_cast<T>(value);
+        }
+        tail += value * value;
+      }
+      const float inverse = 1.f / std::sqrt((sum(squares) + tail) / static_cast<float>(width) +
+                                            static_cast<float>(eps));
+      const Vec scale(inverse);
+      T* oi = o_ptr + i * width;
+      for (int64_t d = 0; d < whole; d += kLanes) store_floats(oi + d, load_floats(w_ptr + d) * rounded<T>(load_floats(xi + d) * scale));
+      for (int64_t d = whole; d < width; ++d) {
+        oi[d] = static_cast<T>(scalar(w_ptr[d]) * rounded<T>(scalar(xi[d]) * inverse));
+      }
+    }
+  });
+}
+
+at::Tensor add_rms_norm(at::Tensor x, const std::optional<at::Tensor>& residual, const at::Tensor& weight,
+                        double eps) {
+  check_cpu(x, "x");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 1 && weight.size(0) == x.size(1) && weight.is_contiguous(),
+              "x [rows, width], weight [width]");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "x and weight must share a dtype");
+  if (residual) {
+    check_cpu(*residual, "residual");
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type(),
+                "residual must match x");
+  }
+  auto out = at::empty({x.size(0), x.size(1)}, x.options());
+  DISPATCH_MODEL_DTYPES(x.scalar_type(), "add_rms_norm", [&] {
+    add_rms_norm_impl<scalar_t>(x, residual ? &*residual : nullptr, weight, eps, out);
+  });
+  return out;
+}
+
+// ---- rotary embedding of q and k, in place -----------------------------------------------------------------
+//
+// qkv [tokens, features]: its first rotated_heads heads (q's, then k's) are rotated in HF's rotate-half layout by
+// cos/sin [positions, dim] at each token's position; the values after them are left alone.
+
+template <typename T>
+void rotary_impl(at::Tensor& qkv, int64_t rotated_heads, int64_t dim, const at::Tensor& cos, const at::Tensor& sin,
+                 const at::Tensor& positions) {
+  const int64_t tokens = qkv.size(0), half = dim / 2, whole = half - half % kLanes;
+  T* base = qkv.data_ptr<T>();
+  const int64_t stride = qkv.stride(0);
+  const T* cos_ptr = cos.data_ptr<T>();
+  const T* sin_ptr = sin.data_ptr<T>();
+  const int64_t* pos_ptr = positions.data_ptr<int64_t>();
+  at::parallel_for(0, tokens, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const T* c = cos_ptr + pos_ptr[t] * dim;
+      const T* s = sin_ptr + pos_ptr[t] * dim;
+      for (int64_t head = 0; head < rotated_heads; ++head) {
+        T* x = base + t * stride + head * dim;
+        // x * cos + rotate_half(x) * sin, each product rounded where the reference's separate ops round it
+        for (int64_t d = 0; d < whole; d += kLanes) {
+          const Vec first = load_floats(x + d), second = load_floats(x + d + half);
+          store_floats(x + d, rounded<T>(first * load_floats(c + d)) - rounded<T>(second * load_floats(s + d)));
+          store_floats(x + d + half, rounded<T>(second * load_floats(c + d + half)) + rounded<T>(first * load_floats(s + d + half)));
+        }
+        for (int64_t d = whole; d < half; ++d) {
+          const float first = scalar(x[d]), second = scalar(x[d + half]);
+          x[d] = static_cast<T>(rounded<T>(first * scalar(c[d])) - rounded<T>(second * scalar(s[d])));
+          x[d + half] = static_cast<T>(rounded<T>(second * scalar(c[d + half])) +
+                                       rounded<T>(first * scalar(s[d + half])));
+        }
+      }
+    }
+  });
+}
+
+void rotary_(at::Tensor qkv, int64_t rotated_heads, int64_t dim, const at::Tensor& cos, const at::Tensor& sin,
+             const at::Tensor& positions) {
+  check_cpu(qkv, "qkv");
+  TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) >= rotated_heads * dim && dim % 2 == 0, "qkv [tokens, features]");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.dim() == 2 && cos.size(1) == dim &&
+              sin.sizes() == cos.sizes() && cos.scalar_type() == qkv.scalar_type() &&
+              sin.scalar_type() == qkv.scalar_type(), "cos/sin [positions, dim] in qkv's dtype");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.numel() == qkv.size(0),
+              "positions: one int64 per token");
+  if (qkv.size(0) > 0) {
+    TORCH_CHECK(positions.min().item<int64_t>() >= 0 && positions.max().item<int64_t>() < cos.size(0),
+                "a position past the rotary table");
+  }
+  DISPATCH_MODEL_DTYPES(qkv.scalar_type(), "rotary_", [&] {
+    rotary_impl<scalar_t>(qkv, rotated_heads, dim, cos, sin, positions);
+  });
+}
+
+// ---- SiLU(gate) * up ---------------------------------------------------------------------------------------
+
+template <typename T>
+void silu_mul_impl(const at::Tensor& gate_up, at::Tensor& out) {
+  const int64_t rows = gate_up.size(0), width = out.size(1), whole = width - width % kLanes;
+  const T* in_ptr = gate_up.data_ptr<T>();
+  T* o_ptr = out.data_ptr<T>();
+  const int64_t stride = gate_up.stride(0);
+  const Vec one(1.f);
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T* gate = in_ptr + i * stride;
+      const T* up = gate + width;
+      T* dst = o_ptr + i * width;
+      for (int64_t d = 0; d < whole; d += kLanes) {
+        const Vec g = load_floats(gate + d);
+        store_floats(dst + d, rounded<T>(g / (one + g.neg().exp_u20())) * load_floats(up + d));
+      }
+      for (int64_t d = whole; d < width; ++d) {
+        const float g = scalar(gate[d]);
+        dst[d] = static_cast<T>(rounded<T>(g / (1.f + std::exp(-g))) * scalar(up[d]));
+      }
+    }
+  });
+}
+
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  check_cpu(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "gate_up [rows, 2 * width]");
+  auto out = at::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
+  DISPATCH_MODEL_DTYPES(gate_up.scalar_type(), "silu_mul", [&] {
+    silu_mul_impl<scalar_t>(gate_up, out);
+  });
+  return out;
+}
+
+// ---- per-token LoRA deltas from the resident pool (Punica's BGMV) ---------------------------------------------
+//
+// out[t] += B[s] (A[s] x[t]) for s = slots[t] (no delta where s < 0), with A [pool, rank, in] and the scaled
+// B [pool, out, rank] straight from the pool: no per-row copy of any adapter's matrices, and tokens of one adapter
+// read the same (cached) rows. Accumulates in float32 and rounds once, into out (a view; its rows may be strided).
+
+template <typename T>
+void lora_delta_impl(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, const at::Tensor& slots,
+                     at::Tensor& out) {
+  const int64_t tokens = x.size(0), in = x.size(1), rank = a.size(1), width = b.size(1);
+  const int64_t in_whole = in - in % kLanes;
+  const T* x_ptr = x.data_ptr<T>();
+  const T* a_ptr = a.data_ptr<T>();
+  const T* b_ptr = b.data_ptr<T>();
+  T* o_ptr = out.data_ptr<T>();
+  const int64_t x_stride = x.stride(0), o_stride = out.stride(0);
+  const int64_t* slot_ptr = slots.data_ptr<int64_t>();
+  at::parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> shrunk(rank);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t slot = slot_ptr[t];
+      if (slot < 0) continue;
+      const T* xt = x_ptr + t * x_stride;
+      const T* a_slot = a_ptr + slot * rank * in;
+      for (int64_t r = 0; r < rank; ++r) {
+        const T* ar = a_slot + r * in;
+        Vec acc(0.f);
+        for (int64_t i = 0; i < in_whole; i += kLanes) acc = at::vec::fmadd(load_floats(ar + i), load_floats(xt + i), acc);
+        float total = sum(acc);
+        for (int64_t i = in_whole; i < in; ++i) total += scalar(ar[i]) * scalar(xt[i]);
+        shrunk[r] = total;
+      }
+      const T* b_slot = b_ptr + slot * width * rank;
+      T* ot = o_ptr + t * o_stride;
+      if (rank % kLanes == 0) {
+        std::vector<Vec> shrunk_vec(rank / kLanes);
+        for (int64_t c = 0; c < rank / kLanes; ++c) shrunk_vec[c] = Vec::loadu(shrunk.data() + c * kLanes);
+        for (int64_t o = 0; o < width; ++o) {
+          const T* bo = b_slot + o * rank;
+          Vec acc = load_floats(bo) * shrunk_vec[0];
+          for (int64_t c = 1; c < rank / kLanes; ++c) acc = at::vec::fmadd(load_floats(bo + c * kLanes), shrunk_vec[c], acc);
+          ot[o] = static_cast<T>(scalar(ot[o]) + sum(acc));
+        }
+      } else {
+        for (int64_t o = 0; o < width; ++o) {
+          const T* bo = b_slot + o * rank;
+          float total = 0.f;
+          for (int64_t r = 0; r < rank; ++r) total += scalar(bo[r]) * shrunk[r];
+          ot[o] = static_cast<T>(scalar(ot[o]) + total);
+        }
+      }
+    }
+  });
+}
+
+void lora_delta_(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, const at::Tensor& slots,
+                 at::Tensor out) {
+  check_cpu(x, "x");
+  check_cpu(out, "out");
+  TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) &&
+              a.size(1) == b.size(2), "a [pool, rank, in] and b [pool, out, rank], contiguous");
+  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && x.size(0) == out.size(0) && x.size(1) == a.size(2) &&
+              out.size(1) == b.size(1), "x [tokens, in], out [tokens, out] to match the pool");
+  TORCH_CHECK(x.scalar_type() == a.scalar_type() && b.scalar_type() == a.scalar_type() &&
+              out.scalar_type() == a.scalar_type(), "x, a, b and out must share a dtype");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == x.size(0),
+              "slots: one int64 per token");
+  if (x.size(0) > 0) {
+    TORCH_CHECK(slots.max().item<int64_t>() < a.size(0), "a slot outside the pool");
+  }
+  DISPATCH_MODEL_DTYPES(x.scalar_type(), "lora_delta_", [&] { lora_delta_impl<scalar_t>(x, a, b, slots, out); });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(adapter_service, m) {
+  m.def("slot_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, Tensor slots, "
+        "Tensor positions, float scale) -> Tensor");
+  m.def("add_rms_norm(Tensor(a!) x, Tensor? residual, Tensor weight, float eps) -> Tensor");
+  m.def("rotary_(Tensor(a!) qkv, int rotated_heads, int dim, Tensor cos, Tensor sin, Tensor positions) -> ()");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("lora_delta_(Tensor x, Tensor a, Tensor b, Tensor slots, Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(adapter_service, CPU, m) {
+  m.impl("slot_attention", slot_attention);
+  m.impl("add_rms_norm", add_rms_norm);
+  m.impl("rotary_", rotary_);
+  m.impl("silu_mul", silu_mul);
+  m.impl("lora_delta_", lora_delta_);
+}

@@ -1,0 +1,83 @@
+"""The owned forward's fused CPU kernels (``csrc/cpu_kernels.cpp``), compiled for this machine at first use.
+
+They are built with the C++ compiler torch's extension loader finds, tuned for the CPU at hand (``-march=native``;
+the build is cached per CPU feature set, so a cache shared between different machines never runs one machine's
+build on another). Where no compiler is present, the build fails or the device is not a CPU, the forward runs the
+same steps as torch ops instead (``ops.py``): slower, never different in what it computes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import threading
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+_lock = threading.Lock()
+_state: dict[str, bool] = {}
+
+
+def _cpu_features() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_name() -> str:
+    """The extension's name: one per source and CPU feature set (torch caches builds by name)."""
+    digest = hashlib.sha256(_SOURCE.read_bytes() + _cpu_features().encode()).hexdigest()[:12]
+    return f"adapter_service_kernels_{digest}"
+
+
+def _vector_flags() -> list[str]:
+    """ATen's SIMD width for this CPU (what its own kernels pick at run time, chosen here at build time)."""
+    flags = set(_cpu_features().split())
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+    if {"avx2", "fma"} <= flags:
+        return ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return ["-DCPU_CAPABILITY=DEFAULT"]
+
+
+def cpu_kernels_available() -> bool:
+    """Whether ``torch.ops.adapter_service`` holds the kernels, building them on first call (once per process)."""
+    with _lock:
+        if "loaded" not in _state:
+            _state["loaded"] = _build()
+        return _state["loaded"]
+
+
+def _build() -> bool:
+    if hasattr(torch.ops, "adapter_service") and hasattr(torch.ops.adapter_service, "slot_attention"):
+        return True
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(
+            name=build_name(),
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp", *_vector_flags()],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as error:  # no compiler, no headers, a failed build: the torch ops do the same work
+        logger.warning("fused CPU kernels unavailable (%s); the owned forward runs them as torch ops",
+                       str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__)
+        return False
+    return True
+
+
+if __name__ == "__main__":  # scripts/install.sh builds them once, so the service's first start does not wait
+    logging.basicConfig(level=logging.INFO)
+    print("fused CPU kernels:", "built" if cpu_kernels_available() else "unavailable (torch ops are used)")

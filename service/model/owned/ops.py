@@ -1,0 +1,206 @@
+"""The owned forward's steps between its matmuls: norms, rotary, activation and attention over the slot cache.
+
+Two implementations compute the same thing: ``TorchOps`` in plain torch ops (every device; the reference), and
+``KernelOps`` in the service's fused CPU kernels (``kernels.py``), which do each step in one pass where torch runs
+a dozen small ops whose dispatch costs more than their arithmetic at a decode step's sizes, and attend decode rows
+without the flash-attention kernel's setup for long queries. Prompt chunks keep torch's attention in both: a chunk
+has many queries per row, which that kernel handles well.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from service.model.owned.batch import Chunk, StepBatch
+from service.model.owned.kernels import cpu_kernels_available
+from service.model.owned.slot_cache import SlotCache
+
+_KERNEL_LANES = 16  # the widest SIMD vector (floats) the kernels use: head sizes must be a multiple
+
+
+class Attention(Protocol):
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Write the step's keys/values ([tokens, kv_heads, dim]) into the cache, return attention [tokens, heads,
+        dim] of q [tokens, heads, dim]."""
+
+
+class StepOps(Protocol):
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> torch.Tensor:
+        """Add ``residual`` into ``x`` in place (if given), return RMSNorm(x) * weight."""
+
+    def rotate(self, qkv: torch.Tensor, rotated_heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor,
+               positions: torch.Tensor) -> None:
+        """Rotary embedding, in place, of the first ``rotated_heads`` heads of qkv [tokens, features]."""
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor: ...
+
+    def attention(self, batch: StepBatch, cache: SlotCache, heads: int) -> Attention: ...
+
+
+# -- torch ops ------------------------------------------------------------------------------------------------------
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x [tokens, heads, dim] with cos/sin [tokens, 1, dim] (HF's rotate-half layout)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class TorchOps:
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> torch.Tensor:
+        if residual is not None:
+            x.add_(residual)
+        return rms_norm(x, weight, eps)
+
+    def rotate(self, qkv: torch.Tensor, rotated_heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor,
+               positions: torch.Tensor) -> None:
+        width = rotated_heads * head_dim
+        heads = qkv[:, :width].view(qkv.shape[0], rotated_heads, head_dim)
+        heads.copy_(rotate(heads, cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)))
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return silu_mul(gate_up)
+
+    def attention(self, batch: StepBatch, cache: SlotCache, heads: int) -> Attention:
+        decode = _DecodeAttention(batch, cache, heads) if batch.decode_rows else None
+        return _StepAttention(batch, cache, decode)
+
+
+class _StepAttention:
+    """Decode rows through ``decode`` (if any), prompt chunks one call each."""
+
+    def __init__(self, batch: StepBatch, cache: SlotCache, decode: Attention | None) -> None:
+        self.batch = batch
+        self.cache = cache
+        self.decode = decode
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        rows = self.batch.decode_rows
+        if not self.batch.chunks:
+            assert self.decode is not None
+            return self.decode(layer, q, k, v)
+        out = q.new_empty(q.shape)
+        if self.decode is not None:
+            out[:rows] = self.decode(layer, q[:rows], k[:rows], v[:rows])
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        for chunk in self.batch.chunks:
+            span = slice(chunk.offset, chunk.offset + chunk.length)
+            out[span] = _chunk_attention(chunk, q[span], k[span], v[span], keys, values)
+        return out
+
+
+class _DecodeAttention:
+    """Attention of the decode rows (one new token each) over the span of slots they occupy, as a view."""
+
+    def __init__(self, batch: StepBatch, cache: SlotCache, heads: int) -> None:
+        slots = batch.decode_slots
+        self.cache = cache
+        self.slots = slots
+        self.positions = batch.positions[:slots.shape[0]]
+        self.low = int(slots[0])
+        high = int(slots[-1]) + 1
+        self.span = high - self.low
+        self.length = int(self.positions.max()) + 1
+        self.dense = self.span == slots.shape[0]  # rows fill their span: no holes to scatter into
+        self.index = slots - self.low
+        columns = torch.arange(self.length, device=slots.device)
+        lengths = torch.zeros(self.span, dtype=torch.long, device=slots.device)
+        lengths[self.index] = self.positions + 1  # holes attend to nothing (their output is never read)
+        mask = columns[None, :] < lengths[:, None]
+        mask[:, 0] = True  # a hole still needs one key, or its softmax is NaN
+        self.mask = mask[:, None, None, :]
+        self.heads = heads
+        cache.ensure_finite(self.low, high, self.length)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        keys[self.slots, :, self.positions] = k
+        values[self.slots, :, self.positions] = v
+        span = slice(self.low, self.low + self.span)
+        if self.dense:
+            query = q.unsqueeze(2)  # [rows, heads, 1, dim]
+        else:
+            query = q.new_zeros((self.span, self.heads, 1, q.shape[-1]))
+            query[self.index] = q.unsqueeze(2)
+        out = F.scaled_dot_product_attention(
+            query, keys[span, :, :self.length], values[span, :, :self.length], attn_mask=self.mask, enable_gqa=True,
+        )
+        return (out if self.dense else out[self.index]).squeeze(2)
+
+
+def _chunk_attention(chunk: Chunk, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
+                     values: torch.Tensor) -> torch.Tensor:
+    end = chunk.start + chunk.length
+    keys[chunk.slot, :, chunk.start:end] = k.transpose(0, 1)
+    values[chunk.slot, :, chunk.start:end] = v.transpose(0, 1)
+    query = q.transpose(0, 1).unsqueeze(0)  # [1, heads, length, dim]
+    key_view = keys[chunk.slot:chunk.slot + 1, :, :end]
+    value_view = values[chunk.slot:chunk.slot + 1, :, :end]
+    if chunk.start == 0:
+        out = F.scaled_dot_product_attention(query, key_view, value_view, is_causal=True, enable_gqa=True)
+    else:
+        out = F.scaled_dot_product_attention(query, key_view, value_view, attn_mask=chunk.mask(q.device),
+                                             enable_gqa=True)
+    return out[0].transpose(0, 1)
+
+
+# -- fused CPU kernels ----------------------------------------------------------------------------------------------
+
+class KernelOps:
+    def __init__(self) -> None:
+        self._ops = torch.ops.adapter_service
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> torch.Tensor:
+        return self._ops.add_rms_norm(x, residual, weight, eps)
+
+    def rotate(self, qkv: torch.Tensor, rotated_heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor,
+               positions: torch.Tensor) -> None:
+        self._ops.rotary_(qkv, rotated_heads, head_dim, cos, sin, positions)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return self._ops.silu_mul(gate_up)
+
+    def attention(self, batch: StepBatch, cache: SlotCache, heads: int) -> Attention:
+        decode = _KernelDecodeAttention(batch, cache, self._ops) if batch.decode_rows else None
+        return _StepAttention(batch, cache, decode)
+
+
+class _KernelDecodeAttention:
+    """The decode rows in one kernel call per layer: each reads only its own slot's entries, up to its position
+    (so nothing past a row's length is read, and no slot needs zeroing ahead)."""
+
+    def __init__(self, batch: StepBatch, cache: SlotCache, kernels: object) -> None:
+        self.cache = cache
+        self.slots = batch.decode_slots
+        self.positions = batch.positions[:batch.decode_rows].contiguous()
+        self.kernels = kernels
+        self.scale = cache.shape.head_dim ** -0.5
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.kernels.slot_attention(q, k, v, self.cache.keys[layer], self.cache.values[layer],  # type: ignore[attr-defined]
+                                           self.slots, self.positions, self.scale)
+
+
+def step_ops(device: torch.device, head_dim: int, use_kernels: bool) -> StepOps:
+    """The fused kernels where they run (a CPU, a head size they take, built here), else torch ops."""
+    if use_kernels and device.type == "cpu" and head_dim % _KERNEL_LANES == 0 and cpu_kernels_available():
+        return KernelOps()
+    return TorchOps()

@@ -1,0 +1,153 @@
+"""The fused CPU kernels compute what the torch ops compute: attention over slots (holes, prefixes, GQA, prompt
+chunks beside decode rows), residual + RMSNorm, rotary and SiLU, in float32 and bfloat16; bad input is refused."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from service.model.owned.batch import Chunk, StepBatch
+from service.model.owned.kernels import cpu_kernels_available
+from service.model.owned.ops import KernelOps, TorchOps
+from service.model.owned.slot_cache import CacheShape, SlotCache
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                reason="no C++ compiler: the service runs torch ops instead")
+
+HEADS, KV_HEADS, DIM = 6, 2, 32
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+
+
+def test_the_kernels_build_where_a_compiler_is() -> None:
+    assert cpu_kernels_available()
+
+
+def _cache(dtype: torch.dtype, slots: int = 8, slot_tokens: int = 64) -> SlotCache:
+    shape = CacheShape(layers=1, kv_heads=KV_HEADS, head_dim=DIM, slots=slots, slot_tokens=slot_tokens,
+                       budget_tokens=slots * slot_tokens)
+    cache = SlotCache(shape, dtype, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    cache.keys[0].copy_(torch.randn(cache.keys[0].shape, generator=generator))
+    cache.values[0].copy_(torch.randn(cache.values[0].shape, generator=generator))
+    for slot in range(slots):  # as earlier steps of running rows would have left them
+        cache.claim(slot_tokens)
+        cache.mark_written(slot, slot_tokens)
+    return cache
+
+
+def _attend(ops: TorchOps | KernelOps, batch: StepBatch, cache: SlotCache, qkv: tuple[torch.Tensor, ...]):
+    q, k, v = (t.clone() for t in qkv)
+    out = ops.attention(batch, cache, HEADS)(0, q, k, v)
+    return out, cache.keys[0].clone(), cache.values[0].clone()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_matches_torch_for_decode_rows_with_holes_and_prompt_chunks(dtype: torch.dtype) -> None:
+    # Decode rows in slots 0, 2, 5 (holes between, different lengths; slot 5 as if behind a 7-entry prefix), then
+    # a fresh prompt chunk in slot 3 and a later chunk of a prompt in slot 6.
+    decode_slots, decode_positions = [0, 2, 5], [4, 17, 30]
+    chunks = [Chunk(slot=3, start=0, length=5, offset=3), Chunk(slot=6, start=9, length=4, offset=8)]
+    positions = decode_positions + list(range(0, 5)) + list(range(9, 13))
+    tokens = len(positions)
+    generator = torch.Generator().manual_seed(1)
+    qkv = (torch.randn(tokens, HEADS, DIM, generator=generator).to(dtype),
+           torch.randn(tokens, KV_HEADS, DIM, generator=generator).to(dtype),
+           torch.randn(tokens, KV_HEADS, DIM, generator=generator).to(dtype))
+    batch = StepBatch(torch.empty(tokens, 1), torch.tensor(positions), torch.tensor(decode_slots), chunks)
+    results = [_attend(ops, batch, _cache(dtype), qkv) for ops in (TorchOps(), KernelOps())]
+    (expected, keys, values), (actual, kernel_keys, kernel_values) = results
+    # What the step wrote is identical; what a row may read of the cache (up to its position) is too.
+    for slot, position in zip(decode_slots, decode_positions):
+        assert torch.equal(keys[slot, :, :position + 1], kernel_keys[slot, :, :position + 1])
+        assert torch.equal(values[slot, :, :position + 1], kernel_values[slot, :, :position + 1])
+    for chunk in chunks:
+        assert torch.equal(keys[chunk.slot, :, :chunk.start + chunk.length],
+                           kernel_keys[chunk.slot, :, :chunk.start + chunk.length])
+    torch.testing.assert_close(actual.float(), expected.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+def test_attention_maps_query_heads_to_their_kv_head() -> None:
+    """Head h reads kv head h // (heads / kv_heads): making one kv head's values huge moves only its heads."""
+    cache = _cache(torch.float32)
+    batch = StepBatch(torch.empty(1, 1), torch.tensor([3]), torch.tensor([1]), [])
+    q, k, v = torch.zeros(1, HEADS, DIM), torch.zeros(1, KV_HEADS, DIM), torch.zeros(1, KV_HEADS, DIM)
+    cache.values[0][1, 1, :4] = 1000.0
+    v[0, 1] = 1000.0
+    out = KernelOps().attention(batch, cache, HEADS)(0, q, k, v)
+    group = HEADS // KV_HEADS
+    assert torch.all(out[0, group:].abs() > 100) and torch.all(out[0, :group].abs() < 100)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pointwise_kernels_match_torch(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(2)
+    width = 72  # not a multiple of the SIMD width: the tail path runs too
+    x = torch.randn(5, width, generator=generator).to(dtype)
+    residual = torch.randn(5, width, generator=generator).to(dtype)
+    weight = torch.randn(width, generator=generator).to(dtype)
+    torch_x, kernel_x = x.clone(), x.clone()
+    expected = TorchOps().add_norm(torch_x, residual, weight, 1e-5)
+    actual = KernelOps().add_norm(kernel_x, residual, weight, 1e-5)
+    assert torch.equal(torch_x, kernel_x)  # the residual lands in x identically
+    torch.testing.assert_close(actual.float(), expected.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    no_residual = KernelOps().add_norm(x.clone(), None, weight, 1e-5)
+    torch.testing.assert_close(no_residual.float(), TorchOps().add_norm(x.clone(), None, weight, 1e-5).float(),
+                               atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+    gate_up = (4 * torch.randn(5, 2 * width, generator=generator)).to(dtype)
+    torch.testing.assert_close(KernelOps().silu_mul(gate_up).float(), TorchOps().silu_mul(gate_up).float(),
+                               atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+    qkv = torch.randn(5, (HEADS + 2 * KV_HEADS) * DIM, generator=generator).to(dtype)
+    angles = torch.randn(40, DIM, generator=generator)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    positions = torch.tensor([0, 3, 39, 7, 7])
+    torch_qkv, kernel_qkv = qkv.clone(), qkv.clone()
+    TorchOps().rotate(torch_qkv, HEADS + KV_HEADS, DIM, cos, sin, positions)
+    KernelOps().rotate(kernel_qkv, HEADS + KV_HEADS, DIM, cos, sin, positions)
+    torch.testing.assert_close(kernel_qkv.float(), torch_qkv.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    values = slice((HEADS + KV_HEADS) * DIM, None)
+    assert torch.equal(kernel_qkv[:, values], qkv[:, values])  # values are not rotated
+
+
+def test_kernels_refuse_what_would_read_outside_the_cache() -> None:
+    cache = _cache(torch.float32)
+    q, k, v = torch.zeros(1, HEADS, DIM), torch.zeros(1, KV_HEADS, DIM), torch.zeros(1, KV_HEADS, DIM)
+    kernels = torch.ops.adapter_service
+    with pytest.raises(RuntimeError, match="slot outside"):
+        kernels.slot_attention(q, k, v, cache.keys[0], cache.values[0], torch.tensor([8]), torch.tensor([0]), 1.0)
+    with pytest.raises(RuntimeError, match="position outside"):
+        kernels.slot_attention(q, k, v, cache.keys[0], cache.values[0], torch.tensor([0]), torch.tensor([64]), 1.0)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        kernels.slot_attention(q.double(), k, v, cache.keys[0], cache.values[0], torch.tensor([0]),
+                               torch.tensor([0]), 1.0)
+    with pytest.raises(RuntimeError, match="rotary table"):
+        kernels.rotary_(torch.zeros(1, HEADS * DIM), HEADS, DIM, torch.zeros(4, DIM), torch.zeros(4, DIM),
+                        torch.tensor([4]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rank", [8, 16, 5])
+def test_lora_kernel_adds_each_tokens_own_adapter_delta(dtype: torch.dtype, rank: int) -> None:
+    """Per token, out += B[slot] A[slot] x from the pool's stacks; tokens without an adapter (-1) are untouched,
+    and a strided view (one module's slice of a fused output) is written in place."""
+    generator = torch.Generator().manual_seed(3)
+    pool, width_in, width_out = 4, 40, 24
+    a = torch.randn(pool, rank, width_in, generator=generator).to(dtype)
+    b = torch.randn(pool, width_out, rank, generator=generator).to(dtype)
+    x = torch.randn(6, width_in, generator=generator).to(dtype)
+    fused = torch.randn(6, 3 * width_out, generator=generator).to(dtype)
+    slots = torch.tensor([1, -1, 3, 1, 2, -1])
+    expected = fused.clone()
+    for token, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            delta = b[slot].float() @ (a[slot].float() @ x[token].float())
+            expected[token, width_out:2 * width_out] = (expected[token, width_out:2 * width_out].float()
+                                                         + delta).to(dtype)
+    torch.ops.adapter_service.lora_delta_(x, a, b, slots, fused[:, width_out:2 * width_out])
+    torch.testing.assert_close(fused.float(), expected.float(), atol=TOLERANCE[dtype] * 10, rtol=TOLERANCE[dtype])
+    assert torch.equal(fused[1], expected[1]) and torch.equal(fused[:, :width_out], expected[:, :width_out])
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        torch.ops.adapter_service.lora_delta_(x, a, b, torch.tensor([0, 0, 0, 0, 0, pool]), fused[:, :width_out])
