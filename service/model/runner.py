@@ -24,6 +24,7 @@ from service.model.ia3 import IA3Pool
 from service.model.kv_cache import KVCache, stack_right_aligned
 from service.model.loading import BaseModel
 from service.model.owned.model import OwnedModel, build_owned
+from service.model.owned.ops import top_logits
 from service.model.owned.slot_cache import CacheLimits
 from service.model.prompt_tuning import virtual_ids, virtual_index
 
@@ -371,7 +372,7 @@ class ModelRunner:
         # One pass over the logits, in the model's dtype, gives the greedy tokens and the finiteness check: a row's
         # maximum is NaN if any of its logits is (max propagates NaN), and +inf if one is. (A float copy, a separate
         # isfinite pass and an argmax took 4x as long: about 13 of a 64-row bf16 step's ~70 ms.)
-        top, tokens = logits.max(dim=-1)
+        top, tokens = top_logits(logits)
         if not bool(torch.isfinite(top).all()):
             # Raised so the step is retried one adapter's rows at a time and the adapter giving them is quarantined.
             raise FloatingPointError("the model gave non-finite logits (NaN or inf)")

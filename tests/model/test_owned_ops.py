@@ -10,7 +10,7 @@ import torch
 
 from service.model.owned.batch import Chunk, StepBatch
 from service.model.owned.kernels import cpu_kernels_available
-from service.model.owned.ops import KernelOps, TorchOps
+from service.model.owned.ops import KernelOps, TorchOps, top_logits
 from service.model.owned.slot_cache import CacheShape, SlotCache
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
@@ -151,3 +151,29 @@ def test_lora_kernel_adds_each_tokens_own_adapter_delta(dtype: torch.dtype, rank
     assert torch.equal(fused[1], expected[1]) and torch.equal(fused[:, :width_out], expected[:, :width_out])
     with pytest.raises(RuntimeError, match="outside the pool"):
         torch.ops.adapter_service.lora_delta_(x, a, b, torch.tensor([0, 0, 0, 0, 0, pool]), fused[:, :width_out])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 16, 37])
+def test_logits_as_columns_give_torchs_greedy_tokens(dtype: torch.dtype, rows: int) -> None:
+    """The kernel path's transposed logits and column max pick what F.linear + max picks: the first of equal
+    maxima, NaN for a row holding one, +inf where it is the largest."""
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(3000, 24, generator=generator).to(dtype)
+    weight[2000] = weight[1000]  # two vocabulary entries with equal logits everywhere
+    hidden = torch.randn(rows, 24, generator=generator).to(dtype)
+    hidden[0] = weight[1000] * 4  # row 0's maximum is at 1000 and again at 2000
+    expected = TorchOps().logits(hidden, weight, None)
+    logits = KernelOps().logits(hidden, weight, None)
+    assert logits.shape == expected.shape and logits.stride(0) == 1  # columns: top_logits takes the kernel
+    top, index = top_logits(logits)
+    expected_top, expected_index = expected.max(dim=-1)
+    assert index[0] == 1000
+    assert torch.equal(index, expected_index) and torch.equal(top, expected_top.float())
+    broken = logits.clone().t().contiguous().t()  # the same transposed layout
+    broken[0, 7] = float("nan")
+    broken[rows - 1, 9] = float("inf")
+    top, index = top_logits(broken)
+    assert torch.isnan(top[0]) and index[0] == 7
+    if rows > 1:
+        assert top[rows - 1] == float("inf") and index[rows - 1] == 9

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from service.model.owned.batch import StepBatch
@@ -169,4 +168,4 @@ class LlamaForward:
                 part *= scale
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head, self.lm_head_bias)
+        return self.ops.logits(hidden, self.lm_head, self.lm_head_bias)

@@ -40,6 +40,9 @@ class StepOps(Protocol):
 
     def attention(self, batch: StepBatch, cache: SlotCache, heads: int) -> Attention: ...
 
+    def logits(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """[rows, vocabulary] (possibly a transposed view: ``top_logits`` reads either layout fast)."""
+
 
 # -- torch ops ------------------------------------------------------------------------------------------------------
 
@@ -81,6 +84,9 @@ class TorchOps:
     def attention(self, batch: StepBatch, cache: SlotCache, heads: int) -> Attention:
         decode = _DecodeAttention(batch, cache, heads) if batch.decode_rows else None
         return _StepAttention(batch, cache, decode)
+
+    def logits(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(hidden, weight, bias)
 
 
 class _StepAttention:
@@ -182,6 +188,15 @@ class KernelOps:
         decode = _KernelDecodeAttention(batch, cache, self._ops) if batch.decode_rows else None
         return _StepAttention(batch, cache, decode)
 
+    def logits(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # The head as the left operand: oneDNN then reads it as it lies instead of reordering all of it (the
+        # tied embedding, kept unpacked) on every call; 1.7-2x faster at 16-64 rows here. Rows come out as
+        # columns, which top_logits reads in one pass.
+        logits = torch.mm(weight, hidden.t())
+        if bias is not None:
+            logits += bias[:, None]
+        return logits.t()
+
 
 class _KernelDecodeAttention:
     """The decode rows in one kernel call per layer: each reads only its own slot's entries, up to its position
@@ -197,6 +212,15 @@ class _KernelDecodeAttention:
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self.kernels.slot_attention(q, k, v, self.cache.keys[layer], self.cache.values[layer],  # type: ignore[attr-defined]
                                            self.slots, self.positions, self.scale)
+
+
+def top_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's largest logit and its first index (NaN if the row has one), for logits [rows, vocabulary] in
+    either layout: a transposed one goes to the column kernel, where torch's reduction across rows is slow."""
+    if (logits.dim() == 2 and logits.stride(0) == 1 and logits.stride(1) == logits.shape[0]
+            and logits.device.type == "cpu" and cpu_kernels_available()):
+        return torch.ops.adapter_service.column_max(logits.t())
+    return logits.max(dim=-1)
 
 
 def step_ops(device: torch.device, head_dim: int, use_kernels: bool) -> StepOps:

@@ -11,16 +11,20 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = Vec::size();
+constexpr int64_t kMaxGroup = 16;  // query heads per kv head the attention kernel takes
 
 // -- scalar and vector loads/stores in float32, rounding through the tensor's dtype ------------------------------
 
@@ -62,6 +66,15 @@ inline Vec rounded<float>(const Vec& v) { return v; }
 
 inline float sum(const Vec& v) { return at::vec::vec_reduce_all<float>(std::plus<Vec>(), v); }
 
+// Every value of an int64 index tensor (contiguous, on the CPU) in [low, high): a plain loop, since these run
+// once per layer and a tensor reduction costs more than the few dozen values it checks.
+void check_range(const at::Tensor& index, int64_t low, int64_t high, const char* message) {
+  TORCH_CHECK(index.device().is_cpu() && index.scalar_type() == at::kLong && index.is_contiguous(),
+              "indices: contiguous int64 on the CPU");
+  const int64_t* values = index.data_ptr<int64_t>();
+  for (int64_t i = 0; i < index.numel(); ++i) TORCH_CHECK(values[i] >= low && values[i] < high, message);
+}
+
 void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
   TORCH_CHECK(t.stride(-1) == 1, name, " must be contiguous in its last dimension");
@@ -80,7 +93,7 @@ void slot_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Ten
                          at::Tensor& out) {
   const int64_t tokens = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t kv_heads = keys.size(1), slot_tokens = keys.size(2);
-  const int64_t group = heads / kv_heads, chunks = dim / kLanes;
+  const int64_t group = heads / kv_heads;
   const int64_t q_token = q.stride(0), q_head = q.stride(1);
   const int64_t k_token = k.stride(0), k_head = k.stride(1);
   const int64_t v_token = v.stride(0), v_head = v.stride(1);
@@ -106,51 +119,84 @@ void slot_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Ten
     }
   });
 
-  const Vec softmax_scale(static_cast<float>(scale));
-  at::parallel_for(0, tokens * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<Vec> query(group * chunks), acc(group * chunks), row(chunks);
-    std::vector<float> scores, totals(group);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t t = i / kv_heads, head = i % kv_heads;
-      const int64_t length = pos_ptr[t] + 1;
-      scores.resize(group * length);
-      for (int64_t g = 0; g < group; ++g) {
-        const T* src = q_ptr + t * q_token + (head * group + g) * q_head;
-        for (int64_t c = 0; c < chunks; ++c) query[g * chunks + c] = load_floats(src + c * kLanes) * softmax_scale;
-      }
-      const T* key_rows = keys_ptr + entry(slot_ptr[t], head, 0);
-      for (int64_t j = 0; j < length; ++j) {
-        for (int64_t c = 0; c < chunks; ++c) row[c] = load_floats(key_rows + j * dim + c * kLanes);
+  const float softmax_scale = static_cast<float>(scale);
+  auto attend = [&](auto chunk_count) {
+    constexpr int64_t C = decltype(chunk_count)::value;
+    at::parallel_for(0, tokens * kv_heads, 1, [&](int64_t begin, int64_t end) {
+      // Per task (token, kv head): the group's queries and outputs stay in registers across the key loop.
+      Vec query[kMaxGroup][C], acc[kMaxGroup][C], row[C];
+      std::vector<float> scores;
+      float totals[kMaxGroup];
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t t = i / kv_heads, head = i % kv_heads;
+        const int64_t length = pos_ptr[t] + 1;
+        scores.resize(group * length);
         for (int64_t g = 0; g < group; ++g) {
-          Vec products = query[g * chunks] * row[0];
-          for (int64_t c = 1; c < chunks; ++c) products = at::vec::fmadd(query[g * chunks + c], row[c], products);
-          scores[g * length + j] = sum(products);
+          const T* src = q_ptr + t * q_token + (head * group + g) * q_head;
+          for (int64_t c = 0; c < C; ++c) query[g][c] = load_floats(src + c * kLanes) * Vec(softmax_scale);
+        }
+        const T* key_rows = keys_ptr + entry(slot_ptr[t], head, 0);
+        const T* value_rows = values_ptr + entry(slot_ptr[t], head, 0);
+        constexpr int64_t kRowBytes = C * kLanes * sizeof(T);
+        for (int64_t j = 0; j < length; ++j) {
+          // A decode step reads every row's cache once, from memory, not cache: prefetch keys a few rows ahead
+          // and the values this loop will want next, which the hardware prefetcher alone leaves latency-bound.
+          for (int64_t line = 0; line < kRowBytes; line += 64) {
+            __builtin_prefetch(reinterpret_cast<const char*>(key_rows + (j + 8) * dim) + line);
+            __builtin_prefetch(reinterpret_cast<const char*>(value_rows + j * dim) + line);
+          }
+          for (int64_t c = 0; c < C; ++c) row[c] = load_floats(key_rows + j * dim + c * kLanes);
+          for (int64_t g = 0; g < group; ++g) {
+            Vec products = query[g][0] * row[0];
+            for (int64_t c = 1; c < C; ++c) products = at::vec::fmadd(query[g][c], row[c], products);
+            scores[g * length + j] = sum(products);
+          }
+        }
+        const int64_t whole = length - length % kLanes;
+        for (int64_t g = 0; g < group; ++g) {
+          float* sg = scores.data() + g * length;
+          float top = -std::numeric_limits<float>::infinity();
+          for (int64_t j = 0; j < length; ++j) top = std::max(top, sg[j]);
+          const Vec shift(top);
+          Vec total(0.f);
+          for (int64_t j = 0; j < whole; j += kLanes) {
+            const Vec e = (Vec::loadu(sg + j) - shift).exp_u20();
+            e.store(sg + j);
+            total = total + e;
+          }
+          float tail = 0.f;
+          for (int64_t j = whole; j < length; ++j) {
+            sg[j] = std::exp(sg[j] - top);
+            tail += sg[j];
+          }
+          totals[g] = sum(total) + tail;
+          for (int64_t c = 0; c < C; ++c) acc[g][c] = Vec(0.f);
+        }
+        for (int64_t j = 0; j < length; ++j) {
+          for (int64_t c = 0; c < C; ++c) row[c] = load_floats(value_rows + j * dim + c * kLanes);
+          for (int64_t g = 0; g < group; ++g) {
+            const Vec p(scores[g * length + j]);
+            for (int64_t c = 0; c < C; ++c) acc[g][c] = at::vec::fmadd(p, row[c], acc[g][c]);
+          }
+        }
+        for (int64_t g = 0; g < group; ++g) {
+          T* dst = out_ptr + t * o_token + (head * group + g) * o_head;
+          const Vec inverse(1.f / totals[g]);
+          for (int64_t c = 0; c < C; ++c) store_floats(dst + c * kLanes, acc[g][c] * inverse);
         }
       }
-      for (int64_t g = 0; g < group; ++g) {
-        float* sg = scores.data() + g * length;
-        const float top = at::vec::reduce_all<float>(
-            [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, sg, length);
-        const Vec shift(top);
-        at::vec::map([&](Vec x) { return (x - shift).exp_u20(); }, sg, sg, length);
-        totals[g] = at::vec::reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, sg, length);
-      }
-      std::fill(acc.begin(), acc.end(), Vec(0.f));
-      const T* value_rows = values_ptr + entry(slot_ptr[t], head, 0);
-      for (int64_t j = 0; j < length; ++j) {
-        for (int64_t c = 0; c < chunks; ++c) row[c] = load_floats(value_rows + j * dim + c * kLanes);
-        for (int64_t g = 0; g < group; ++g) {
-          const Vec p(scores[g * length + j]);
-          for (int64_t c = 0; c < chunks; ++c) acc[g * chunks + c] = at::vec::fmadd(p, row[c], acc[g * chunks + c]);
-        }
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        T* dst = out_ptr + t * o_token + (head * group + g) * o_head;
-        const Vec inverse(1.f / totals[g]);
-        for (int64_t c = 0; c < chunks; ++c) store_floats(dst + c * kLanes, acc[g * chunks + c] * inverse);
-      }
-    }
-  });
+    });
+  };
+  switch (dim / kLanes) {
+    case 1: attend(std::integral_constant<int64_t, 1>{}); break;
+    case 2: attend(std::integral_constant<int64_t, 2>{}); break;
+    case 4: attend(std::integral_constant<int64_t, 4>{}); break;
+    case 5: attend(std::integral_constant<int64_t, 5>{}); break;
+    case 6: attend(std::integral_constant<int64_t, 6>{}); break;
+    case 8: attend(std::integral_constant<int64_t, 8>{}); break;
+    case 16: attend(std::integral_constant<int64_t, 16>{}); break;
+    default: TORCH_CHECK(false, "head size ", dim, " is not one the attention kernel is built for");
+  }
 }
 
 at::Tensor slot_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor keys,
@@ -169,15 +215,12 @@ at::Tensor slot_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
               q.size(2) == keys.size(3) && k.size(2) == keys.size(3) && q.size(1) % keys.size(1) == 0,
               "head counts or head size do not match the cache");
   TORCH_CHECK(q.size(2) % kLanes == 0, "head size must be a multiple of ", kLanes);
+  TORCH_CHECK(q.size(1) / keys.size(1) <= kMaxGroup, "more than ", kMaxGroup, " query heads per kv head");
   TORCH_CHECK(slots.scalar_type() == at::kLong && positions.scalar_type() == at::kLong && slots.is_contiguous() &&
               positions.is_contiguous() && slots.numel() == q.size(0) && positions.numel() == q.size(0),
               "slots and positions: one int64 per token");
-  if (q.size(0) > 0) {
-    TORCH_CHECK(slots.min().item<int64_t>() >= 0 && slots.max().item<int64_t>() < keys.size(0),
-                "a slot outside the cache");
-    TORCH_CHECK(positions.min().item<int64_t>() >= 0 && positions.max().item<int64_t>() < keys.size(2),
-                "a position outside its slot");
-  }
+  check_range(slots, 0, keys.size(0), "a slot outside the cache");
+  check_range(positions, 0, keys.size(2), "a position outside its slot");
   auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   DISPATCH_MODEL_DTYPES(q.scalar_type(), "slot_attention", [&] {
     slot_attention_impl<scalar_t>(q, k, v, keys, values, slots, positions, scale, out);
@@ -297,10 +340,7 @@ void rotary_(at::Tensor qkv, int64_t rotated_heads, int64_t dim, const at::Tenso
               sin.scalar_type() == qkv.scalar_type(), "cos/sin [positions, dim] in qkv's dtype");
   TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.numel() == qkv.size(0),
               "positions: one int64 per token");
-  if (qkv.size(0) > 0) {
-    TORCH_CHECK(positions.min().item<int64_t>() >= 0 && positions.max().item<int64_t>() < cos.size(0),
-                "a position past the rotary table");
-  }
+  check_range(positions, 0, cos.size(0), "a position past the rotary table");
   DISPATCH_MODEL_DTYPES(qkv.scalar_type(), "rotary_", [&] {
     rotary_impl<scalar_t>(qkv, rotated_heads, dim, cos, sin, positions);
   });
@@ -409,10 +449,83 @@ void lora_delta_(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, 
               out.scalar_type() == a.scalar_type(), "x, a, b and out must share a dtype");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == x.size(0),
               "slots: one int64 per token");
-  if (x.size(0) > 0) {
-    TORCH_CHECK(slots.max().item<int64_t>() < a.size(0), "a slot outside the pool");
-  }
+  check_range(slots, -1, a.size(0), "a slot outside the pool");
   DISPATCH_MODEL_DTYPES(x.scalar_type(), "lora_delta_", [&] { lora_delta_impl<scalar_t>(x, a, b, slots, out); });
+}
+
+// ---- greedy tokens from logits laid out [vocabulary, rows] --------------------------------------------------
+//
+// The logits of a step come out transposed ([vocab, rows], the lm_head as the matmul's left operand, which spares
+// oneDNN reordering the whole head on every call). Per row: its largest logit and the first index holding it, as
+// torch.max gives them; NaN wins (and stays), so a row with any NaN reports NaN and the step is refused.
+
+template <typename T>
+void column_max_impl(const at::Tensor& logits, at::Tensor& top, at::Tensor& index) {
+  const int64_t vocab = logits.size(0), rows = logits.size(1);
+  const T* base = logits.data_ptr<T>();
+  const int64_t stride = logits.stride(0);
+  const int threads = std::max<int>(1, std::min<int>(at::get_num_threads(), static_cast<int>(vocab / 1024 + 1)));
+  std::vector<float> best(threads * rows, -std::numeric_limits<float>::infinity());
+  std::vector<int64_t> where(threads * rows, 0);
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t part = begin; part < end; ++part) {
+      const int64_t from = vocab * part / threads, to = vocab * (part + 1) / threads;
+      float* b = best.data() + part * rows;
+      int64_t* w = where.data() + part * rows;
+      const int64_t whole = rows - rows % kLanes, vectors = whole / kLanes;
+      std::vector<Vec> best_vec(vectors, Vec(-std::numeric_limits<float>::infinity())), where_vec(vectors, Vec(0.f));
+      for (int64_t v = from; v < to; ++v) {  // float indices: exact below 2^24, far above any vocabulary
+        const T* row = base + v * stride;
+        const Vec at(static_cast<float>(v));
+        for (int64_t c = 0; c < vectors; ++c) {
+          const Vec value = load_floats(row + c * kLanes);
+          const Vec take = (value > best_vec[c]) | (value.isnan() & (best_vec[c] == best_vec[c]));
+          best_vec[c] = Vec::blendv(best_vec[c], value, take);
+          where_vec[c] = Vec::blendv(where_vec[c], at, take);
+        }
+      }
+      for (int64_t c = 0; c < vectors; ++c) {
+        float where_floats[kLanes];
+        best_vec[c].store(b + c * kLanes);
+        where_vec[c].store(where_floats);
+        for (int64_t lane = 0; lane < kLanes; ++lane) w[c * kLanes + lane] = static_cast<int64_t>(where_floats[lane]);
+      }
+      for (int64_t v = from; v < to; ++v) {
+        const T* row = base + v * stride;
+        for (int64_t r = whole; r < rows; ++r) {
+          const float value = scalar(row[r]);
+          if (value > b[r] || (std::isnan(value) && !std::isnan(b[r]))) {
+            b[r] = value;
+            w[r] = v;
+          }
+        }
+      }
+    }
+  });
+  float* top_ptr = top.data_ptr<float>();
+  int64_t* index_ptr = index.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    float value = best[r];
+    int64_t at = where[r];
+    for (int part = 1; part < threads; ++part) {
+      const float other = best[part * rows + r];
+      if (other > value || (std::isnan(other) && !std::isnan(value))) {
+        value = other;
+        at = where[part * rows + r];
+      }
+    }
+    top_ptr[r] = value;
+    index_ptr[r] = at;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> column_max(const at::Tensor& logits) {
+  check_cpu(logits, "logits");
+  TORCH_CHECK(logits.dim() == 2 && logits.size(0) > 0, "logits [vocabulary, rows]");
+  auto top = at::empty({logits.size(1)}, logits.options().dtype(at::kFloat));
+  auto index = at::empty({logits.size(1)}, logits.options().dtype(at::kLong));
+  DISPATCH_MODEL_DTYPES(logits.scalar_type(), "column_max", [&] { column_max_impl<scalar_t>(logits, top, index); });
+  return {top, index};
 }
 
 }  // namespace
@@ -423,6 +536,7 @@ TORCH_LIBRARY(adapter_service, m) {
   m.def("add_rms_norm(Tensor(a!) x, Tensor? residual, Tensor weight, float eps) -> Tensor");
   m.def("rotary_(Tensor(a!) qkv, int rotated_heads, int dim, Tensor cos, Tensor sin, Tensor positions) -> ()");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("column_max(Tensor logits) -> (Tensor, Tensor)");
   m.def("lora_delta_(Tensor x, Tensor a, Tensor b, Tensor slots, Tensor(a!) out) -> ()");
 }
 
@@ -432,4 +546,5 @@ TORCH_LIBRARY_IMPL(adapter_service, CPU, m) {
   m.impl("rotary_", rotary_);
   m.impl("silu_mul", silu_mul);
   m.impl("lora_delta_", lora_delta_);
+  m.impl("column_max", column_max);
 }
