@@ -24,7 +24,7 @@ def test_the_kernels_build_where_a_compiler_is() -> None:
     assert cpu_kernels_available()
 
 
-def _cache(dtype: torch.dtype, slots: int = 8, slot_tokens: int = 64) -> SlotCache:
+def _cache(dtype: torch.dtype, slots: int = 8, slot_tokens: int = 256) -> SlotCache:
     shape = CacheShape(layers=1, kv_heads=KV_HEADS, head_dim=DIM, slots=slots, slot_tokens=slot_tokens,
                        budget_tokens=slots * slot_tokens)
     cache = SlotCache(shape, dtype, torch.device("cpu"))
@@ -46,10 +46,12 @@ def _attend(ops: TorchOps | KernelOps, batch: StepBatch, cache: SlotCache, qkv: 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_matches_torch_for_decode_rows_with_holes_and_prompt_chunks(dtype: torch.dtype) -> None:
     # Decode rows in slots 0, 2, 5 (holes between, different lengths; slot 5 as if behind a 7-entry prefix), then
-    # a fresh prompt chunk in slot 3 and a later chunk of a prompt in slot 6.
+    # a fresh prompt chunk in slot 3, a long chunk late in a prompt in slot 7 (torch's attention even with the
+    # kernels) and a later chunk of a prompt in slot 6.
     decode_slots, decode_positions = [0, 2, 5], [4, 17, 30]
-    chunks = [Chunk(slot=3, start=0, length=5, offset=3), Chunk(slot=6, start=9, length=4, offset=8)]
-    positions = decode_positions + list(range(0, 5)) + list(range(9, 13))
+    chunks = [Chunk(slot=3, start=0, length=5, offset=3), Chunk(slot=7, start=120, length=80, offset=8),
+              Chunk(slot=6, start=9, length=4, offset=88)]
+    positions = decode_positions + list(range(0, 5)) + list(range(120, 200)) + list(range(9, 13))
     tokens = len(positions)
     generator = torch.Generator().manual_seed(1)
     qkv = (torch.randn(tokens, HEADS, DIM, generator=generator).to(dtype),
@@ -119,7 +121,7 @@ def test_kernels_refuse_what_would_read_outside_the_cache() -> None:
     with pytest.raises(RuntimeError, match="slot outside"):
         kernels.slot_attention(q, k, v, cache.keys[0], cache.values[0], torch.tensor([8]), torch.tensor([0]), 1.0)
     with pytest.raises(RuntimeError, match="position outside"):
-        kernels.slot_attention(q, k, v, cache.keys[0], cache.values[0], torch.tensor([0]), torch.tensor([64]), 1.0)
+        kernels.slot_attention(q, k, v, cache.keys[0], cache.values[0], torch.tensor([0]), torch.tensor([256]), 1.0)
     with pytest.raises(RuntimeError, match="share a dtype"):
         kernels.slot_attention(q.double(), k, v, cache.keys[0], cache.values[0], torch.tensor([0]),
                                torch.tensor([0]), 1.0)
