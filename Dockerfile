@@ -23,6 +23,15 @@ RUN if ! python3 -c "import venv, ensurepip" >/dev/null 2>&1; then \
         && rm -rf /var/lib/apt/lists/*; \
     fi
 
+# A C++ compiler for the owned forward's fused CPU kernels: they are compiled for the CPU they run on (cached per
+# CPU feature set under TORCH_EXTENSIONS_DIR), at build time for the build host and at first start on another one.
+RUN if ! command -v g++ >/dev/null 2>&1; then \
+        apt-get update \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
+ENV TORCH_EXTENSIONS_DIR=/app/.cache/torch_extensions
+
 WORKDIR /app
 COPY . /app
 
@@ -36,7 +45,7 @@ RUN .venv/bin/python -c "from service.model.loading import embedded_model_folder
 # The adapter store lives on a volume, seeded from the repo's adapters_store (demo adapters) on first use.
 # Everything under /data/adapters must be in place before the VOLUME line: later changes to it are dropped.
 RUN useradd --create-home --uid 10001 --user-group app \
-    && mkdir -p /data/adapters \
+    && mkdir -p /data/adapters /app/.cache/torch_extensions && chown -R app:app /app/.cache/torch_extensions \
     && cp -a /app/adapters_store/. /data/adapters/ \
     && chown -R app:app /data/adapters
 ENV SERVICE_ADAPTERS_DIR=/data/adapters
