@@ -10,7 +10,7 @@ import torch
 
 from service.model.owned.batch import Chunk, StepBatch
 from service.model.owned.kernels import cpu_kernels_available
-from service.model.owned.ops import KernelOps, TorchOps, top_logits
+from service.model.owned.ops import KernelOps, TorchOps, step_ops, top_logits
 from service.model.owned.slot_cache import CacheShape, SlotCache
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
@@ -179,3 +179,33 @@ def test_logits_as_columns_give_torchs_greedy_tokens(dtype: torch.dtype, rows: i
     assert torch.isnan(top[0]) and index[0] == 7
     if rows > 1:
         assert top[rows - 1] == float("inf") and index[rows - 1] == 9
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(7, 1, 48), (4, 4, 80), (14, 2, 112), (16, 1, 128)])
+def test_attention_kernel_takes_every_head_shape_it_is_chosen_for(heads: int, kv_heads: int, dim: int) -> None:
+    """Head sizes that are multiples of 16 up to 128 and up to 16 query heads per kv head (what step_ops picks the
+    kernels for) match torch; larger ones are left to torch ops."""
+    assert isinstance(step_ops(torch.device("cpu"), dim, heads // kv_heads, True), KernelOps)
+    shape = CacheShape(layers=1, kv_heads=kv_heads, head_dim=dim, slots=4, slot_tokens=32, budget_tokens=128)
+    generator = torch.Generator().manual_seed(5)
+    outputs = []
+    for ops in (TorchOps(), KernelOps()):
+        cache = SlotCache(shape, torch.float32, torch.device("cpu"))
+        cache.keys[0].copy_(torch.randn(cache.keys[0].shape, generator=torch.Generator().manual_seed(6)))
+        cache.values[0].copy_(torch.randn(cache.values[0].shape, generator=torch.Generator().manual_seed(7)))
+        for slot in range(4):
+            cache.claim(32)
+            cache.mark_written(slot, 32)
+        generator.manual_seed(5)
+        q = torch.randn(3, heads, dim, generator=generator)
+        k, v = torch.randn(2, 3, kv_heads, dim, generator=generator)
+        batch = StepBatch(torch.empty(3, 1), torch.tensor([3, 20, 31]), torch.tensor([0, 1, 3]), [])
+        outputs.append(ops.attention(batch, cache, heads)(0, q, k, v))
+    torch.testing.assert_close(outputs[1], outputs[0], atol=2e-5, rtol=2e-5)
+
+
+def test_shapes_past_the_kernels_get_torch_ops() -> None:
+    assert isinstance(step_ops(torch.device("cpu"), 256, 4, True), TorchOps)
+    assert isinstance(step_ops(torch.device("cpu"), 64, 32, True), TorchOps)
+    assert isinstance(step_ops(torch.device("cpu"), 72, 4, True), TorchOps)
+    assert isinstance(step_ops(torch.device("cpu"), 64, 4, False), TorchOps)

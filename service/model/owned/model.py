@@ -38,7 +38,8 @@ def build_owned(base: BaseModel, gathered: GatheredLora, ia3: IA3Pool, limits: C
         return None
     config = base.model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    ops = step_ops(base.device, head_dim, limits.cpu_kernels)
+    group = config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    ops = step_ops(base.device, head_dim, group, limits.cpu_kernels)
     forward = LlamaForward(base.model, packed=packing_available(base.dtype, base.device), ops=ops)
     shape = CacheShape.sized(limits, len(forward.layers), forward.kv_heads, forward.head_dim, max_positions,
                              forward.dtype)

@@ -20,6 +20,8 @@ from service.model.owned.kernels import cpu_kernels_available
 from service.model.owned.slot_cache import SlotCache
 
 _KERNEL_LANES = 16  # the widest SIMD vector (floats) the kernels use: head sizes must be a multiple
+_KERNEL_MAX_HEAD_DIM = 128  # 16 vectors of the narrowest width (AVX2) the attention kernel is instantiated for
+_KERNEL_MAX_GROUP = 16  # query heads per key/value head it holds in registers
 # Queries x keys of a prompt chunk up to which the token-by-token kernel beats torch's blocked attention (measured
 # here: a 25-token prompt is 5x faster in the kernel, a 128-token chunk after 2,000 tokens 4x slower).
 _KERNEL_CHUNK_WORK = 64 * 128
@@ -255,8 +257,10 @@ def top_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return logits.max(dim=-1)
 
 
-def step_ops(device: torch.device, head_dim: int, use_kernels: bool) -> StepOps:
-    """The fused kernels where they run (a CPU, a head size they take, built here), else torch ops."""
-    if use_kernels and device.type == "cpu" and head_dim % _KERNEL_LANES == 0 and cpu_kernels_available():
+def step_ops(device: torch.device, head_dim: int, group: int, use_kernels: bool) -> StepOps:
+    """The fused kernels where they run (a CPU, head sizes and GQA groups they are built for, a compiler that built
+    them here), else torch ops."""
+    if (use_kernels and device.type == "cpu" and head_dim % _KERNEL_LANES == 0 and head_dim <= _KERNEL_MAX_HEAD_DIM
+            and group <= _KERNEL_MAX_GROUP and cpu_kernels_available()):
         return KernelOps()
     return TorchOps()

@@ -188,14 +188,13 @@ void slot_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Ten
     });
   };
   switch (dim / kLanes) {
-    case 1: attend(std::integral_constant<int64_t, 1>{}); break;
-    case 2: attend(std::integral_constant<int64_t, 2>{}); break;
-    case 4: attend(std::integral_constant<int64_t, 4>{}); break;
-    case 5: attend(std::integral_constant<int64_t, 5>{}); break;
-    case 6: attend(std::integral_constant<int64_t, 6>{}); break;
-    case 8: attend(std::integral_constant<int64_t, 8>{}); break;
-    case 16: attend(std::integral_constant<int64_t, 16>{}); break;
-    default: TORCH_CHECK(false, "head size ", dim, " is not one the attention kernel is built for");
+#define ATTEND_CASE(C) \
+  case C: attend(std::integral_constant<int64_t, C>{}); break;
+    ATTEND_CASE(1) ATTEND_CASE(2) ATTEND_CASE(3) ATTEND_CASE(4) ATTEND_CASE(5) ATTEND_CASE(6) ATTEND_CASE(7)
+    ATTEND_CASE(8) ATTEND_CASE(9) ATTEND_CASE(10) ATTEND_CASE(11) ATTEND_CASE(12) ATTEND_CASE(13) ATTEND_CASE(14)
+    ATTEND_CASE(15) ATTEND_CASE(16)
+#undef ATTEND_CASE
+    default: TORCH_CHECK(false, "head size ", dim, " is past what the attention kernel is built for");
   }
 }
 
