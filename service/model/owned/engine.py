@@ -28,7 +28,7 @@ from service.model.runner import GenerationJob, ModelRunner
 
 logger = logging.getLogger(__name__)
 
-_PREFILL_FLOOR = 128  # prompt tokens a step may carry however few rows decode
+_PREFILL_FLOOR = 96  # prompt tokens a step may carry however few rows decode
 _PREFILL_MIN = 16  # prompt tokens a step carries even when the decode rows fill the token budget
 
 
@@ -133,9 +133,10 @@ class OwnedEngine:
         budget = max(self._owned.max_batch_tokens - len(decode), min(_PREFILL_MIN, self._owned.max_batch_tokens))
         if decode:
             # Prompt tokens at most as many as decode rows, or the floor: with the fused kernels a 64-row step
-            # carrying 128 prompt tokens costs about twice a plain one (its matmuls read the weights once either
-            # way), which keeps streaming rows' ITL p99 near 2x p50, and a burst of 64 short prompts joins in a
-            # handful of steps (TTFT p99 at 64 streams 1.3-1.5 s with a floor of 64, 0.9-1.1 s with 128).
+            # carrying ~100 prompt tokens costs under twice a plain one (its matmuls read the weights once either
+            # way), so streaming rows' ITL p99 stays near 2x p50 while a burst of 64 short prompts joins in a
+            # handful of steps. Server A/B at 64 streams, two runs each: floor 64 gave TTFT p99 1.3-1.5 s and ITL
+            # p99/p50 1.5-1.6; 96 gave 0.76-0.80 s and 1.96-2.07; 128 gave 0.81-1.07 s and 1.9-2.3.
             budget = min(budget, max(len(decode), _PREFILL_FLOOR))
         chunks: list[tuple[_Row, int]] = []
         for row in self._rows:
