@@ -21,13 +21,14 @@ from service.model.slots import Slots
 
 
 class _ModuleStack:
-    """One adapted module's stacks: A [slots, rank, in] and scaled B [slots, out, rank], zero where unused."""
+    """One adapted module's stacks: A [slots, rank, in] and scaled B transposed [slots, rank, out], zero where unused
+    (B^T so a row's delta is a sum of whole rows of it: what the LoRA kernel and the batched matmuls both read)."""
 
     def __init__(self, layer: torch.nn.Linear, capacity: int) -> None:
         weight = layer.weight
         self.rank = 0
         self.a = weight.new_zeros((capacity, 0, layer.in_features))
-        self.b = weight.new_zeros((capacity, layer.out_features, 0))
+        self.b_t = weight.new_zeros((capacity, 0, layer.out_features))
         self.rows: torch.Tensor | None = None  # the slot of each row of the batch being computed, if any
         # The rows' A^T and B^T gathered for the current routing; kept across decode steps while the rows and the
         # pool stay the same, since the gather copies more bytes than the two small matmuls read.
@@ -39,10 +40,10 @@ class _ModuleStack:
             return
         capacity, rank = max(capacity, self.a.shape[0]), max(rank, self.rank)
         a = self.a.new_zeros((capacity, rank, self.a.shape[2]))
-        b = self.b.new_zeros((capacity, self.b.shape[1], rank))
+        b_t = self.b_t.new_zeros((capacity, rank, self.b_t.shape[2]))
         a[: self.a.shape[0], : self.rank] = self.a
-        b[: self.b.shape[0], :, : self.rank] = self.b
-        self.a, self.b, self.rank = a, b, rank
+        b_t[: self.b_t.shape[0], : self.rank] = self.b_t
+        self.a, self.b_t, self.rank = a, b_t, rank
 
     def hook(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         if self.rows is None:
@@ -54,7 +55,7 @@ class _ModuleStack:
         assert self.rows is not None
         if self.gathered is None:
             self.gathered = (self.a.index_select(0, self.rows).transpose(1, 2),
-                             self.b.index_select(0, self.rows).transpose(1, 2))
+                             self.b_t.index_select(0, self.rows))
         a_rows, b_rows = self.gathered
         x = x.to(self.a.dtype)
         flat = x.dim() == 2
@@ -63,7 +64,7 @@ class _ModuleStack:
 
     def slot_delta(self, x: torch.Tensor, slot: int) -> torch.Tensor:
         """One adapter's delta for x [tokens, in] (a prompt chunk of one row)."""
-        return (x.to(self.a.dtype) @ self.a[slot].T) @ self.b[slot].T
+        return (x.to(self.a.dtype) @ self.a[slot].T) @ self.b_t[slot]
 
     def begin(self, rows: torch.Tensor, key: Hashable | None) -> None:
         if key is None or key != self.gathered_for:
@@ -125,15 +126,15 @@ class GatheredLora:
             stack.ensure(self._slots.capacity, r)
             with torch.no_grad():
                 stack.a[slot].zero_()
-                stack.b[slot].zero_()
+                stack.b_t[slot].zero_()
                 stack.a[slot, :r] = a
-                stack.b[slot, :, :r] = b
+                stack.b_t[slot, :r] = b.T
 
     def _clear(self, slot: int) -> None:
         for stack in self._stacks.values():
             if slot < stack.a.shape[0]:
                 stack.a[slot].zero_()
-                stack.b[slot].zero_()
+                stack.b_t[slot].zero_()
 
     def remove(self, name: str) -> None:
         self._layers_of.pop(name, None)

@@ -112,7 +112,8 @@ def test_the_list_shows_the_store_adapters(page: Page, server: str, tiny_adapter
 
 
 def test_a_generation_streams_next_to_the_base(page: Page, server: str) -> None:
-    request = {"prompt": "Hello there, how are you", "max_new_tokens": 40, "temperature": 0.0, "chat": False}
+    # Long enough that the stream is seen growing: the tiny model makes 40 tokens faster than a browser paints.
+    request = {"prompt": "Hello there, how are you", "max_new_tokens": 200, "temperature": 0.0, "chat": False}
     # The references first: they also warm the model, so the page's streams come token by token.
     adapter_text = httpx.post(f"{server}/v1/generate", json={**request, "adapter": "lora-gen"}, timeout=60).json()
     base_text = httpx.post(f"{server}/v1/generate", json={**request, "adapter": None}, timeout=60).json()

@@ -133,12 +133,13 @@ def test_kernels_refuse_what_would_read_outside_the_cache() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rank", [8, 16, 5])
 def test_lora_kernel_adds_each_tokens_own_adapter_delta(dtype: torch.dtype, rank: int) -> None:
-    """Per token, out += B[slot] A[slot] x from the pool's stacks; tokens without an adapter (-1) are untouched,
-    and a strided view (one module's slice of a fused output) is written in place."""
+    """Per token, out += B[slot] A[slot] x from the pool's stacks (B kept transposed); tokens without an adapter
+    (-1) are untouched, and a strided view (one module's slice of a fused output) is written in place."""
     generator = torch.Generator().manual_seed(3)
     pool, width_in, width_out = 4, 40, 24
     a = torch.randn(pool, rank, width_in, generator=generator).to(dtype)
     b = torch.randn(pool, width_out, rank, generator=generator).to(dtype)
+    b_t = b.transpose(1, 2).contiguous()
     x = torch.randn(6, width_in, generator=generator).to(dtype)
     fused = torch.randn(6, 3 * width_out, generator=generator).to(dtype)
     slots = torch.tensor([1, -1, 3, 1, 2, -1])
@@ -148,11 +149,11 @@ def test_lora_kernel_adds_each_tokens_own_adapter_delta(dtype: torch.dtype, rank
             delta = b[slot].float() @ (a[slot].float() @ x[token].float())
             expected[token, width_out:2 * width_out] = (expected[token, width_out:2 * width_out].float()
                                                          + delta).to(dtype)
-    torch.ops.adapter_service.lora_delta_(x, a, b, slots, fused[:, width_out:2 * width_out])
+    torch.ops.adapter_service.lora_delta_(x, a, b_t, slots, fused[:, width_out:2 * width_out])
     torch.testing.assert_close(fused.float(), expected.float(), atol=TOLERANCE[dtype] * 10, rtol=TOLERANCE[dtype])
     assert torch.equal(fused[1], expected[1]) and torch.equal(fused[:, :width_out], expected[:, :width_out])
     with pytest.raises(RuntimeError, match="outside the pool"):
-        torch.ops.adapter_service.lora_delta_(x, a, b, torch.tensor([0, 0, 0, 0, 0, pool]), fused[:, :width_out])
+        torch.ops.adapter_service.lora_delta_(x, a, b_t, torch.tensor([0, 0, 0, 0, 0, pool]), fused[:, :width_out])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

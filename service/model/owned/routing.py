@@ -97,7 +97,7 @@ class RowLora:
         try:
             for stack, a_rows, b_rows in self._rows.values():
                 a_rows[cache_slot] = stack.a[pool_slot].T
-                b_rows[cache_slot] = stack.b[pool_slot].T
+                b_rows[cache_slot] = stack.b_t[pool_slot]
         except RuntimeError:  # a stack changed shape without a new pool version (a failed pool write): copy anew
             self._version = None
 
@@ -110,7 +110,7 @@ class RowLora:
         if rows is None:
             slots = torch.tensor(self._pool_slot, device=stack.a.device)
             rows = (stack, stack.a.index_select(0, slots).transpose(1, 2).contiguous(),
-                    stack.b.index_select(0, slots).transpose(1, 2).contiguous())
+                    stack.b_t.index_select(0, slots))
             self._rows[id(stack)] = rows
         return rows[1][low:high], rows[2][low:high]
 
@@ -152,7 +152,7 @@ class StepAdapters:
         if self._token_lora is not None:
             stack = self._owned.gathered.stack(self._owned.forward.modules[layer][module])
             if stack is not None:
-                torch.ops.adapter_service.lora_delta_(x, stack.a, stack.b, self._token_lora, out)
+                torch.ops.adapter_service.lora_delta_(x, stack.a, stack.b_t, self._token_lora, out)
             return
         if not self._lora_slots:
             return

@@ -383,23 +383,24 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 
 // ---- per-token LoRA deltas from the resident pool (Punica's BGMV) ---------------------------------------------
 //
-// out[t] += B[s] (A[s] x[t]) for s = slots[t] (no delta where s < 0), with A [pool, rank, in] and the scaled
-// B [pool, out, rank] straight from the pool: no per-row copy of any adapter's matrices, and tokens of one adapter
-// read the same (cached) rows. Accumulates in float32 and rounds once, into out (a view; its rows may be strided).
+// out[t] += (A[s] x[t]) B^T[s] for s = slots[t] (no delta where s < 0), with A [pool, rank, in] and the scaled,
+// transposed B^T [pool, rank, out] straight from the pool: no per-row copy of any adapter's matrices, tokens of one
+// adapter read the same (cached) rows, and the expansion is rank whole-row multiply-adds. Accumulates in float32
+// and rounds once, into out (a view; its rows may be strided, as a module's slice of a fused output is).
 
 template <typename T>
-void lora_delta_impl(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, const at::Tensor& slots,
+void lora_delta_impl(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b_t, const at::Tensor& slots,
                      at::Tensor& out) {
-  const int64_t tokens = x.size(0), in = x.size(1), rank = a.size(1), width = b.size(1);
-  const int64_t in_whole = in - in % kLanes;
+  const int64_t tokens = x.size(0), in = x.size(1), rank = a.size(1), width = b_t.size(2);
+  const int64_t in_whole = in - in % kLanes, out_whole = width - width % kLanes;
   const T* x_ptr = x.data_ptr<T>();
   const T* a_ptr = a.data_ptr<T>();
-  const T* b_ptr = b.data_ptr<T>();
+  const T* b_ptr = b_t.data_ptr<T>();
   T* o_ptr = out.data_ptr<T>();
   const int64_t x_stride = x.stride(0), o_stride = out.stride(0);
   const int64_t* slot_ptr = slots.data_ptr<int64_t>();
   at::parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> shrunk(rank);
+    std::vector<float> shrunk(rank), delta(width);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t slot = slot_ptr[t];
       if (slot < 0) continue;
@@ -413,43 +414,41 @@ void lora_delta_impl(const at::Tensor& x, const at::Tensor& a, const at::Tensor&
         for (int64_t i = in_whole; i < in; ++i) total += scalar(ar[i]) * scalar(xt[i]);
         shrunk[r] = total;
       }
-      const T* b_slot = b_ptr + slot * width * rank;
-      T* ot = o_ptr + t * o_stride;
-      if (rank % kLanes == 0) {
-        std::vector<Vec> shrunk_vec(rank / kLanes);
-        for (int64_t c = 0; c < rank / kLanes; ++c) shrunk_vec[c] = Vec::loadu(shrunk.data() + c * kLanes);
-        for (int64_t o = 0; o < width; ++o) {
-          const T* bo = b_slot + o * rank;
-          Vec acc = load_floats(bo) * shrunk_vec[0];
-          for (int64_t c = 1; c < rank / kLanes; ++c) acc = at::vec::fmadd(load_floats(bo + c * kLanes), shrunk_vec[c], acc);
-          ot[o] = static_cast<T>(scalar(ot[o]) + sum(acc));
+      std::fill(delta.begin(), delta.end(), 0.f);
+      const T* b_slot = b_ptr + slot * rank * width;
+      for (int64_t r = 0; r < rank; ++r) {
+        if (shrunk[r] == 0.f) continue;  // a rank row padded for a larger adapter in the pool
+        const Vec weight(shrunk[r]);
+        const T* br = b_slot + r * width;
+        for (int64_t o = 0; o < out_whole; o += kLanes) {
+          at::vec::fmadd(weight, load_floats(br + o), Vec::loadu(delta.data() + o)).store(delta.data() + o);
         }
-      } else {
-        for (int64_t o = 0; o < width; ++o) {
-          const T* bo = b_slot + o * rank;
-          float total = 0.f;
-          for (int64_t r = 0; r < rank; ++r) total += scalar(bo[r]) * shrunk[r];
-          ot[o] = static_cast<T>(scalar(ot[o]) + total);
-        }
+        for (int64_t o = out_whole; o < width; ++o) delta[o] += shrunk[r] * scalar(br[o]);
       }
+      T* ot = o_ptr + t * o_stride;
+      for (int64_t o = 0; o < out_whole; o += kLanes) {
+        store_floats(ot + o, load_floats(ot + o) + Vec::loadu(delta.data() + o));
+      }
+      for (int64_t o = out_whole; o < width; ++o) ot[o] = static_cast<T>(scalar(ot[o]) + delta[o]);
     }
   });
 }
 
-void lora_delta_(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, const at::Tensor& slots,
+void lora_delta_(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b_t, const at::Tensor& slots,
                  at::Tensor out) {
   check_cpu(x, "x");
   check_cpu(out, "out");
-  TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) &&
-              a.size(1) == b.size(2), "a [pool, rank, in] and b [pool, out, rank], contiguous");
+  TORCH_CHECK(a.is_contiguous() && b_t.is_contiguous() && a.dim() == 3 && b_t.dim() == 3 &&
+              a.size(0) == b_t.size(0) && a.size(1) == b_t.size(1),
+              "a [pool, rank, in] and b_t [pool, rank, out], contiguous");
   TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && x.size(0) == out.size(0) && x.size(1) == a.size(2) &&
-              out.size(1) == b.size(1), "x [tokens, in], out [tokens, out] to match the pool");
-  TORCH_CHECK(x.scalar_type() == a.scalar_type() && b.scalar_type() == a.scalar_type() &&
-              out.scalar_type() == a.scalar_type(), "x, a, b and out must share a dtype");
+              out.size(1) == b_t.size(2), "x [tokens, in], out [tokens, out] to match the pool");
+  TORCH_CHECK(x.scalar_type() == a.scalar_type() && b_t.scalar_type() == a.scalar_type() &&
+              out.scalar_type() == a.scalar_type(), "x, a, b_t and out must share a dtype");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == x.size(0),
               "slots: one int64 per token");
   check_range(slots, -1, a.size(0), "a slot outside the pool");
-  DISPATCH_MODEL_DTYPES(x.scalar_type(), "lora_delta_", [&] { lora_delta_impl<scalar_t>(x, a, b, slots, out); });
+  DISPATCH_MODEL_DTYPES(x.scalar_type(), "lora_delta_", [&] { lora_delta_impl<scalar_t>(x, a, b_t, slots, out); });
 }
 
 // ---- greedy tokens from logits laid out [vocabulary, rows] --------------------------------------------------
@@ -536,7 +535,7 @@ TORCH_LIBRARY(adapter_service, m) {
   m.def("rotary_(Tensor(a!) qkv, int rotated_heads, int dim, Tensor cos, Tensor sin, Tensor positions) -> ()");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("column_max(Tensor logits) -> (Tensor, Tensor)");
-  m.def("lora_delta_(Tensor x, Tensor a, Tensor b, Tensor slots, Tensor(a!) out) -> ()");
+  m.def("lora_delta_(Tensor x, Tensor a, Tensor b_t, Tensor slots, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(adapter_service, CPU, m) {
