@@ -539,18 +539,15 @@ def curve_bodies(prompts: list[str], concurrency: int, model: Callable[[], str |
     return [{"adapter": model(), "prompt": p, "max_new_tokens": 32} for p in prompts[:count]]
 
 
-def curve_rows(strategy: str, label: str, url: str, prompts: list[str], model: Callable[[], str | None],
-               openai: bool) -> list[Row]:
-    rows: list[Row] = []
-    for concurrency in CURVE:
-        bodies = curve_bodies(prompts, concurrency, model, openai)
-        figures = asyncio.run(stream_generate(url, bodies, concurrency, read_openai_stream if openai
-                                              else read_service_stream))
-        print(f"[{strategy}] {label} c={concurrency}: {figures['tok/s']:.1f} tok/s, TTFT p99 "
-              f"{figures['ttft p99']:.2f} s, ITL p50/p99 {figures['itl p50']:.3f}/{figures['itl p99']:.3f} s",
-              flush=True)
-        rows += generation_rows(strategy, f"{label} c={concurrency}", figures)
-    return rows
+def curve_point(strategy: str, label: str, url: str, prompts: list[str], concurrency: int,
+                model: Callable[[], str | None], openai: bool) -> list[Row]:
+    bodies = curve_bodies(prompts, concurrency, model, openai)
+    figures = asyncio.run(stream_generate(url, bodies, concurrency, read_openai_stream if openai
+                                          else read_service_stream))
+    print(f"[{strategy}] {label} c={concurrency}: {figures['tok/s']:.1f} tok/s, TTFT p99 "
+          f"{figures['ttft p99']:.2f} s, ITL p50/p99 {figures['itl p50']:.3f}/{figures['itl p99']:.3f} s",
+          flush=True)
+    return generation_rows(strategy, f"{label} c={concurrency}", figures)
 
 
 def generation_run(store: Path, base: Path, adapters: dict[str, list[str]], prompts: list[str], port: int,
@@ -563,11 +560,38 @@ def generation_run(store: Path, base: Path, adapters: dict[str, list[str]], prom
     rows: list[Row] = []
     server = start_server(store, "mixed", port)
     url = f"http://127.0.0.1:{port}"
+    # Both servers are up together and each point is measured on ours, then at once on vLLM: on a shared machine
+    # the neighbours' load drifts over minutes, and a whole curve of ours before a whole curve of theirs once moved
+    # the ratios by 1.5x between two runs of the same code.
+    phases: list[tuple[str, list[str], Callable[[], str | None], Callable[[], str | None]]] = [
+        ("base only", [], lambda: None, lambda: EMBEDDED_MODEL_ID),
+        ("mixed", loras, lambda: pick(rng, generation, False), lambda: pick(rng, loras, False)),
+    ]
     try:
         warm = [{"adapter": a, "prompt": "warm up", "max_new_tokens": 2} for a in [None, *generation]]
         asyncio.run(drive(url, "/v1/generate", warm, 8))
-        rows += curve_rows("ours", "base only", url, prompts, lambda: None, openai=False)
-        rows += curve_rows("ours", "mixed", url, prompts, lambda: pick(rng, generation, False), openai=False)
+        for label, names, ours, theirs in phases:
+            peer, vllm_url = None, ""
+            if vllm_python and prefix:
+                vllm_port = _free_port()
+                log = Path(tempfile.mkstemp(prefix="bench-vllm-", suffix=".log")[1])
+                print(f"[vllm] starting with {len(names)} LoRA adapters, log in {log}", flush=True)
+                peer = start_vllm(vllm_python, prefix, base, store, names, vllm_port, log)
+                vllm_url = f"http://127.0.0.1:{vllm_port}"
+            try:
+                if peer is not None:
+                    warm = [{"model": n, "prompt": "warm up", "max_tokens": 2} for n in (EMBEDDED_MODEL_ID, *names)]
+                    asyncio.run(stream_generate(vllm_url, warm, 8, read_openai_stream))
+                for concurrency in CURVE:
+                    rows += curve_point("ours", label, url, prompts, concurrency, ours, openai=False)
+                    if peer is not None:
+                        rows += curve_point("vllm", label, vllm_url, prompts, concurrency, theirs, openai=True)
+                if peer is not None:
+                    rows.append(("vllm", f"peak resident memory ({label} server)",
+                                 peak_rss_bytes(peer.pid) / 2**20, "MiB"))
+            finally:
+                if peer is not None:
+                    stop_group(peer)
         memory = httpx.get(f"{url}/metrics").text
         rows.append(("ours", "peak resident memory", peak_rss_bytes(server.pid) / 2**20, "MiB"))
         rows += [("ours", name, value / 2**20, "MiB") for name, value in memory_gauges(memory).items()]
@@ -575,22 +599,6 @@ def generation_run(store: Path, base: Path, adapters: dict[str, list[str]], prom
         server.terminate()
         server.wait(timeout=60)
     rows += many_adapters_rows(base, prompts, _free_port())
-    if vllm_python and prefix:
-        for label, names, model in (("base only", [], lambda: EMBEDDED_MODEL_ID),
-                                    ("mixed", loras, lambda: pick(rng, loras, False))):
-            vllm_port = _free_port()
-            log = Path(tempfile.mkstemp(prefix="bench-vllm-", suffix=".log")[1])
-            print(f"[vllm] starting with {len(names)} LoRA adapters, log in {log}", flush=True)
-            peer = start_vllm(vllm_python, prefix, base, store, names, vllm_port, log)
-            try:
-                vllm_url = f"http://127.0.0.1:{vllm_port}"
-                warm = [{"model": name, "prompt": "warm up", "max_tokens": 2} for name in (EMBEDDED_MODEL_ID, *names)]
-                asyncio.run(stream_generate(vllm_url, warm, 8, read_openai_stream))
-                rows += curve_rows("vllm", label, vllm_url, prompts, model, openai=True)
-                rows.append(("vllm", f"peak resident memory ({label} server)", peak_rss_bytes(peer.pid) / 2**20,
-                             "MiB"))
-            finally:
-                stop_group(peer)
     table = {(strategy, name): value for strategy, name, value, _ in rows}
     print(f"\n{'strategy':<8} {'measure':<44} {'value':>10}  unit")
     for strategy, name, value, unit in rows:
