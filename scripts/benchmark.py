@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -550,6 +550,22 @@ def curve_point(strategy: str, label: str, url: str, prompts: list[str], concurr
     return generation_rows(strategy, f"{label} c={concurrency}", figures)
 
 
+@contextlib.contextmanager
+def paused(process: subprocess.Popen | None, group: bool) -> Iterator[None]:
+    """Stop a server (its whole process group for vLLM, which runs its engine in children) while the other is
+    measured, and let it go on afterwards."""
+    if process is None:
+        yield
+        return
+    kill = (lambda sig: os.killpg(process.pid, sig)) if group else (lambda sig: os.kill(process.pid, sig))
+    kill(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        kill(signal.SIGCONT)
+        time.sleep(1.0)  # its threads run again before the next measurement starts
+
+
 def generation_run(store: Path, base: Path, adapters: dict[str, list[str]], prompts: list[str], port: int,
                    vllm_python: str | None, prefix: Path | None) -> None:
     """Generation only, ours against vLLM at 1, 4, 16 and 64 concurrent streams: base only, and mixed adapters
@@ -562,7 +578,8 @@ def generation_run(store: Path, base: Path, adapters: dict[str, list[str]], prom
     url = f"http://127.0.0.1:{port}"
     # Both servers are up together and each point is measured on ours, then at once on vLLM: on a shared machine
     # the neighbours' load drifts over minutes, and a whole curve of ours before a whole curve of theirs once moved
-    # the ratios by 1.5x between two runs of the same code.
+    # the ratios by 1.5x between two runs of the same code. The server not being measured is stopped (SIGSTOP):
+    # vLLM's idle CPU worker spins on both cores, which would otherwise be measured as our slowness.
     phases: list[tuple[str, list[str], Callable[[], str | None], Callable[[], str | None]]] = [
         ("base only", [], lambda: None, lambda: EMBEDDED_MODEL_ID),
         ("mixed", loras, lambda: pick(rng, generation, False), lambda: pick(rng, loras, False)),
@@ -583,9 +600,11 @@ def generation_run(store: Path, base: Path, adapters: dict[str, list[str]], prom
                     warm = [{"model": n, "prompt": "warm up", "max_tokens": 2} for n in (EMBEDDED_MODEL_ID, *names)]
                     asyncio.run(stream_generate(vllm_url, warm, 8, read_openai_stream))
                 for concurrency in CURVE:
-                    rows += curve_point("ours", label, url, prompts, concurrency, ours, openai=False)
+                    with paused(peer, group=True):
+                        rows += curve_point("ours", label, url, prompts, concurrency, ours, openai=False)
                     if peer is not None:
-                        rows += curve_point("vllm", label, vllm_url, prompts, concurrency, theirs, openai=True)
+                        with paused(server, group=False):
+                            rows += curve_point("vllm", label, vllm_url, prompts, concurrency, theirs, openai=True)
                 if peer is not None:
                     rows.append(("vllm", f"peak resident memory ({label} server)",
                                  peak_rss_bytes(peer.pid) / 2**20, "MiB"))
