@@ -60,9 +60,12 @@ def test_short_request_does_not_wait_for_a_long_one(client: TestClient) -> None:
         client.post("/v1/generate", json={"adapter": "lora-gen", "prompt": "hello", "max_new_tokens": tokens})
         finished[name] = time.perf_counter()
 
-    long = threading.Thread(target=run, args=("long", 200))
+    long = threading.Thread(target=run, args=("long", 240))
     long.start()
-    time.sleep(0.3)  # the long one is decoding
+    engine = client.app.state.service.inference.worker.engine  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 10
+    while not engine.active and time.monotonic() < deadline:  # the long one is decoding (a fixed sleep was
+        time.sleep(0.002)  # longer than the whole request once the kernels made the tiny model this fast)
     run("short", 2)
     long.join()
     assert finished["short"] < finished["long"]
