@@ -89,7 +89,8 @@ def test_full_queue_answers_429_with_retry_after(tiny_base: Path, store_copy: Pa
         wait_ready(client)
 
         def call() -> None:
-            response = client.post("/v1/generate", json={"prompt": "Hello", "max_new_tokens": 40})
+            # long enough that the twelve overlap however fast the tiny model decodes
+            response = client.post("/v1/generate", json={"prompt": "Hello", "max_new_tokens": 200})
             statuses.append(response.status_code)
             retry_after.append(response.headers.get("retry-after"))
 
