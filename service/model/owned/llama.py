@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 
 from service.model.owned.batch import StepBatch
 from service.model.owned.matmul import Matmul, fuse
-from service.model.owned.ops import StepOps, TorchOps
+from service.model.owned.ops import StepOps, step_ops
 from service.model.owned.slot_cache import SlotCache
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -65,13 +65,13 @@ class _Layer:
 
 
 class LlamaForward:
-    def __init__(self, model: PreTrainedModel, packed: bool = False, ops: StepOps | None = None) -> None:
+    def __init__(self, model: PreTrainedModel, packed: bool = False, use_kernels: bool = False) -> None:
         config = model.config
-        self.ops: StepOps = ops if ops is not None else TorchOps()
         self.config = config
         self.heads: int = config.num_attention_heads
         self.kv_heads: int = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim: int = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.ops: StepOps = step_ops(model.device, self.head_dim, self.heads // self.kv_heads, use_kernels)
         self.eps: float = config.rms_norm_eps
         backbone = model.model
         self.embed = backbone.embed_tokens.weight
