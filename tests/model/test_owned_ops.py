@@ -24,8 +24,9 @@ def test_the_kernels_build_where_a_compiler_is() -> None:
     assert cpu_kernels_available()
 
 
-def _cache(dtype: torch.dtype, slots: int = 8, slot_tokens: int = 256) -> SlotCache:
-    shape = CacheShape(layers=1, kv_heads=KV_HEADS, head_dim=DIM, slots=slots, slot_tokens=slot_tokens,
+def _cache(dtype: torch.dtype, slots: int = 8, slot_tokens: int = 256, kv_heads: int = KV_HEADS,
+           dim: int = DIM) -> SlotCache:
+    shape = CacheShape(layers=1, kv_heads=kv_heads, head_dim=dim, slots=slots, slot_tokens=slot_tokens,
                        budget_tokens=slots * slot_tokens)
     cache = SlotCache(shape, dtype, torch.device("cpu"))
     generator = torch.Generator().manual_seed(0)
@@ -187,16 +188,10 @@ def test_attention_kernel_takes_every_head_shape_it_is_chosen_for(heads: int, kv
     """Head sizes that are multiples of 16 up to 128 and up to 16 query heads per kv head (what step_ops picks the
     kernels for) match torch; larger ones are left to torch ops."""
     assert isinstance(step_ops(torch.device("cpu"), dim, heads // kv_heads, True), KernelOps)
-    shape = CacheShape(layers=1, kv_heads=kv_heads, head_dim=dim, slots=4, slot_tokens=32, budget_tokens=128)
     generator = torch.Generator().manual_seed(5)
     outputs = []
     for ops in (TorchOps(), KernelOps()):
-        cache = SlotCache(shape, torch.float32, torch.device("cpu"))
-        cache.keys[0].copy_(torch.randn(cache.keys[0].shape, generator=torch.Generator().manual_seed(6)))
-        cache.values[0].copy_(torch.randn(cache.values[0].shape, generator=torch.Generator().manual_seed(7)))
-        for slot in range(4):
-            cache.claim(32)
-            cache.mark_written(slot, 32)
+        cache = _cache(torch.float32, slots=4, slot_tokens=32, kv_heads=kv_heads, dim=dim)
         generator.manual_seed(5)
         q = torch.randn(3, heads, dim, generator=generator)
         k, v = torch.randn(2, 3, kv_heads, dim, generator=generator)

@@ -123,19 +123,18 @@ class StepAdapters:
         decode_rows = len(decode_slots)
         self._decode_rows = decode_rows
         self._chunk_tokens = chunk_tokens
+        counts = torch.tensor([1] * decode_rows + chunk_tokens, device=device)  # tokens of each row in the step
         self._lora_slots: list[int] = []
         self._decode_lora = False
         self._token_lora: torch.Tensor | None = None  # with the kernel: each token's pool slot (-1: none)
         if lora is not None:
-            self._lora_slots = owned.gathered.slots(lora)
+            slots = owned.gathered.slots(lora)
             if owned.kernel_lora:
-                per_token: list[int] = []
-                for slot, count in zip(self._lora_slots, [1] * decode_rows + chunk_tokens):
-                    per_token += [slot if slot != NO_ADAPTER else -1] * count
-                self._token_lora = torch.tensor(per_token, dtype=torch.long, device=device)
-                self._lora_slots = []
+                rows = torch.tensor([slot if slot != NO_ADAPTER else -1 for slot in slots], device=device)
+                self._token_lora = torch.repeat_interleave(rows, counts)
             else:
-                self._decode_lora = any(slot != NO_ADAPTER for slot in self._lora_slots[:decode_rows])
+                self._lora_slots = slots
+                self._decode_lora = any(slot != NO_ADAPTER for slot in slots[:decode_rows])
         if self._decode_lora:
             self._low, high = decode_slots[0], decode_slots[-1] + 1
             self._span = high - self._low
@@ -143,10 +142,7 @@ class StepAdapters:
             self._dense = self._span == decode_rows
         self._token_ia3: torch.Tensor | None = None
         if ia3 is not None:
-            slots = owned.ia3.slots(ia3)
-            counts = [1] * decode_rows + chunk_tokens
-            self._token_ia3 = torch.repeat_interleave(torch.tensor(slots, device=device),
-                                                      torch.tensor(counts, device=device))
+            self._token_ia3 = torch.repeat_interleave(torch.tensor(owned.ia3.slots(ia3), device=device), counts)
 
     def add_lora(self, layer: int, module: str, x: torch.Tensor, out: torch.Tensor) -> None:
         if self._token_lora is not None:
