@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
@@ -21,6 +20,7 @@ from service.metrics import Metrics
 from service.model.loading import load_base_model
 from service.model.owned.slot_cache import CacheLimits
 from service.model.runner import ModelRunner
+from service.model.threads import start_model_thread
 from service.model.validation import BaseShapes
 from service.settings import Settings
 from service.store.store import AdapterStore
@@ -82,7 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state = AppState(
             settings=settings,
             metrics=Metrics(settings.metrics_max_adapter_labels),
-            executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix="model"),
+            executor=start_model_thread(),
         )
         app.state.service = state
         boot = asyncio.create_task(_boot(state))

@@ -10,6 +10,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -25,6 +26,27 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = Vec::size();
 constexpr int64_t kMaxGroup = 16;  // query heads per kv head the attention kernel takes
+
+// at::parallel_for's inline lazy set-up keeps a thread_local "done" flag in each shared library that inlines it,
+// so its first call from this extension on a thread resets that thread's count to torch's global default. The
+// model thread runs with more threads than that default (service/model/threads.py), so this extension splits its
+// loops itself, the same way, with the count libtorch already holds for the calling thread.
+template <typename F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& body) {
+  if (begin >= end) return;
+  const int threads = at::get_num_threads();
+  if (end - begin < grain || threads == 1 || omp_in_parallel()) {
+    body(begin, end);
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t team = std::min<int64_t>(omp_get_num_threads(), (end - begin + grain - 1) / grain);
+    const int64_t chunk = (end - begin + team - 1) / team;
+    const int64_t first = begin + omp_get_thread_num() * chunk;
+    if (first < end) body(first, std::min(end, first + chunk));
+  }
+}
 
 // -- scalar and vector loads/stores in float32, rounding through the tensor's dtype ------------------------------
 
@@ -110,7 +132,7 @@ void slot_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Ten
     return ((slot * kv_heads + head) * slot_tokens + position) * dim;
   };
 
-  at::parallel_for(0, tokens * kv_heads, 64, [&](int64_t begin, int64_t end) {
+  parallel_for(0, tokens * kv_heads, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t t = i / kv_heads, head = i % kv_heads;
       const int64_t at_entry = entry(slot_ptr[t], head, pos_ptr[t]);
@@ -122,7 +144,7 @@ void slot_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Ten
   const float softmax_scale = static_cast<float>(scale);
   auto attend = [&](auto chunk_count) {
     constexpr int64_t C = decltype(chunk_count)::value;
-    at::parallel_for(0, tokens * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    parallel_for(0, tokens * kv_heads, 1, [&](int64_t begin, int64_t end) {
       // Per task (token, kv head): the group's queries and outputs stay in registers across the key loop.
       Vec query[kMaxGroup][C], acc[kMaxGroup][C], row[C];
       std::vector<float> scores;
@@ -241,7 +263,7 @@ void add_rms_norm_impl(at::Tensor& x, const at::Tensor* residual, const at::Tens
   const int64_t r_stride = residual ? residual->stride(0) : 0, x_stride = x.stride(0);
   const T* w_ptr = weight.data_ptr<T>();
   T* o_ptr = out.data_ptr<T>();
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+  parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       T* xi = x_ptr + i * x_stride;
       const T* ri = r_ptr ? r_ptr + i * r_stride : nullptr;
@@ -307,7 +329,7 @@ void rotary_impl(at::Tensor& qkv, int64_t rotated_heads, int64_t dim, const at::
   const T* cos_ptr = cos.data_ptr<T>();
   const T* sin_ptr = sin.data_ptr<T>();
   const int64_t* pos_ptr = positions.data_ptr<int64_t>();
-  at::parallel_for(0, tokens, 8, [&](int64_t begin, int64_t end) {
+  parallel_for(0, tokens, 8, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const T* c = cos_ptr + pos_ptr[t] * dim;
       const T* s = sin_ptr + pos_ptr[t] * dim;
@@ -354,7 +376,7 @@ void silu_mul_impl(const at::Tensor& gate_up, at::Tensor& out) {
   T* o_ptr = out.data_ptr<T>();
   const int64_t stride = gate_up.stride(0);
   const Vec one(1.f);
-  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+  parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const T* gate = in_ptr + i * stride;
       const T* up = gate + width;
@@ -399,7 +421,7 @@ void lora_delta_impl(const at::Tensor& x, const at::Tensor& a, const at::Tensor&
   T* o_ptr = out.data_ptr<T>();
   const int64_t x_stride = x.stride(0), o_stride = out.stride(0);
   const int64_t* slot_ptr = slots.data_ptr<int64_t>();
-  at::parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> shrunk(rank), delta(width);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t slot = slot_ptr[t];
@@ -465,7 +487,7 @@ void column_max_impl(const at::Tensor& logits, at::Tensor& top, at::Tensor& inde
   const int threads = std::max<int>(1, std::min<int>(at::get_num_threads(), static_cast<int>(vocab / 1024 + 1)));
   std::vector<float> best(threads * rows, -std::numeric_limits<float>::infinity());
   std::vector<int64_t> where(threads * rows, 0);
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t part = begin; part < end; ++part) {
       const int64_t from = vocab * part / threads, to = vocab * (part + 1) / threads;
       float* b = best.data() + part * rows;
