@@ -104,8 +104,9 @@ def stack_right_aligned(parts: Sequence[Entries], width: int) -> KVCache:
         row = 0
         for keys, values in layer_parts:
             rows, length = keys.shape[0], keys.shape[2]
-            key_buffer[row:row + rows, :, width - length:width] = keys
-            value_buffer[row:row + rows, :, width - length:width] = values
+            if length:  # rows without a prefix stay zeros: a mixed batch would dispatch thousands of empty copies
+                key_buffer[row:row + rows, :, width - length:width] = keys
+                value_buffer[row:row + rows, :, width - length:width] = values
             row += rows
         layer = GrowingLayer()
         layer.adopt(key_buffer, value_buffer, width)
