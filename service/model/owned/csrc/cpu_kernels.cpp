@@ -16,6 +16,7 @@
 #include <cmath>
 #include <tuple>
 #include <cstring>
+#include <exception>
 #include <functional>
 #include <limits>
 #include <type_traits>
@@ -39,13 +40,22 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& body) {
     body(begin, end);
     return;
   }
+  std::exception_ptr error;  // an exception may not leave a parallel region: the first is rethrown after it
 #pragma omp parallel num_threads(threads)
   {
     const int64_t team = std::min<int64_t>(omp_get_num_threads(), (end - begin + grain - 1) / grain);
     const int64_t chunk = (end - begin + team - 1) / team;
     const int64_t first = begin + omp_get_thread_num() * chunk;
-    if (first < end) body(first, std::min(end, first + chunk));
+    if (first < end) {
+      try {
+        body(first, std::min(end, first + chunk));
+      } catch (...) {
+#pragma omp critical(adapter_service_error)
+        if (!error) error = std::current_exception();
+      }
+    }
   }
+  if (error) std::rethrow_exception(error);
 }
 
 // -- scalar and vector loads/stores in float32, rounding through the tensor's dtype ------------------------------
