@@ -74,6 +74,11 @@ class Settings(BaseSettings):
         description="Owned forward on a CPU: 'auto' builds and uses the service's fused C++ kernels (norms, rotary, "
         "activation, decode attention) where a compiler is present, else torch ops; 'off': torch ops only.",
     )
+    torch_threads: int | None = Field(
+        default=None, ge=1, le=1024,
+        description="Intra-op threads of the model thread (the only thread that runs torch with several); "
+        "unset: torch's choice, the machine's physical cores.",
+    )
     max_wait_ms: float = Field(
         default=5.0, ge=0.0, le=10_000.0, description="How long the batcher waits to fill a batch."
     )

@@ -82,7 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state = AppState(
             settings=settings,
             metrics=Metrics(settings.metrics_max_adapter_labels),
-            executor=start_model_thread(),
+            executor=start_model_thread(settings.torch_threads),
         )
         app.state.service = state
         boot = asyncio.create_task(_boot(state))
