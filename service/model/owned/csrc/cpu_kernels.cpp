@@ -13,6 +13,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <tuple>
 #include <cstring>
@@ -31,31 +32,58 @@ constexpr int64_t kMaxGroup = 16;  // query heads per kv head the attention kern
 // at::parallel_for's inline lazy set-up keeps a thread_local "done" flag in each shared library that inlines it,
 // so its first call from this extension on a thread resets that thread's count to torch's global default. The
 // model thread runs with more threads than that default (service/model/threads.py), so this extension splits its
-// loops itself, the same way, with the count libtorch already holds for the calling thread.
+// loops itself, with the count libtorch already holds for the calling thread.
+
+// Runs part(thread, team) on each thread of a team; an exception may not leave an OpenMP region, so the first one
+// thrown is rethrown after it.
 template <typename F>
-void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& body) {
-  if (begin >= end) return;
-  const int threads = at::get_num_threads();
-  if (end - begin < grain || threads == 1 || omp_in_parallel()) {
-    body(begin, end);
-    return;
-  }
-  std::exception_ptr error;  // an exception may not leave a parallel region: the first is rethrown after it
+void run_team(int threads, const F& part) {
+  std::exception_ptr error;
 #pragma omp parallel num_threads(threads)
   {
-    const int64_t team = std::min<int64_t>(omp_get_num_threads(), (end - begin + grain - 1) / grain);
-    const int64_t chunk = (end - begin + team - 1) / team;
-    const int64_t first = begin + omp_get_thread_num() * chunk;
-    if (first < end) {
-      try {
-        body(first, std::min(end, first + chunk));
-      } catch (...) {
+    try {
+      part(omp_get_thread_num(), omp_get_num_threads());
+    } catch (...) {
 #pragma omp critical(adapter_service_error)
-        if (!error) error = std::current_exception();
-      }
+      if (!error) error = std::current_exception();
     }
   }
   if (error) std::rethrow_exception(error);
+}
+
+inline int team_for(int64_t items, int64_t grain) {
+  const int threads = at::get_num_threads();
+  return items < grain || threads == 1 || omp_in_parallel() ? 1 : threads;
+}
+
+// Contiguous equal shares, as at::parallel_for splits: for loops whose items cost the same.
+template <typename F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& body) {
+  if (begin >= end) return;
+  const int threads = team_for(end - begin, grain);
+  if (threads == 1) return body(begin, end);
+  run_team(threads, [&](int thread, int team) {
+    const int64_t used = std::min<int64_t>(team, (end - begin + grain - 1) / grain);
+    const int64_t share = (end - begin + used - 1) / used;
+    const int64_t first = begin + thread * share;
+    if (first < end) body(first, std::min(end, first + share));
+  });
+}
+
+// Blocks of `block` items claimed in turn: for loops whose items cost unevenly (attention over rows of different
+// lengths: prompt tokens beside long decode rows left one thread with all the long rows under equal shares). A
+// thread that the OS preempts holds back at most its current block; the others take the rest.
+template <typename F>
+void parallel_for_claimed(int64_t begin, int64_t end, int64_t block, const F& body) {
+  if (begin >= end) return;
+  const int threads = team_for(end - begin, 2 * block);
+  if (threads == 1) return body(begin, end);
+  std::atomic<int64_t> next{begin};
+  run_team(threads, [&](int, int) {
+    for (int64_t first = next.fetch_add(block); first < end; first = next.fetch_add(block)) {
+      body(first, std::min(end, first + block));
+    }
+  });
 }
 
 // -- scalar and vector loads/stores in float32, rounding through the tensor's dtype ------------------------------
@@ -154,7 +182,7 @@ void slot_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Ten
   const float softmax_scale = static_cast<float>(scale);
   auto attend = [&](auto chunk_count) {
     constexpr int64_t C = decltype(chunk_count)::value;
-    parallel_for(0, tokens * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    parallel_for_claimed(0, tokens * kv_heads, 4, [&](int64_t begin, int64_t end) {
       // Per task (token, kv head): the group's queries and outputs stay in registers across the key loop.
       Vec query[kMaxGroup][C], acc[kMaxGroup][C], row[C];
       std::vector<float> scores;
@@ -431,7 +459,7 @@ void lora_delta_impl(const at::Tensor& x, const at::Tensor& a, const at::Tensor&
   T* o_ptr = out.data_ptr<T>();
   const int64_t x_stride = x.stride(0), o_stride = out.stride(0);
   const int64_t* slot_ptr = slots.data_ptr<int64_t>();
-  parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
+  parallel_for_claimed(0, tokens, 2, [&](int64_t begin, int64_t end) {
     std::vector<float> shrunk(rank), delta(width);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t slot = slot_ptr[t];
