@@ -74,6 +74,11 @@ class Settings(BaseSettings):
         description="Owned forward on a CPU: 'auto' builds and uses the service's fused C++ kernels (norms, rotary, "
         "activation, decode attention) where a compiler is present, else torch ops; 'off': torch ops only.",
     )
+    cpu_matmul: Literal["auto", "onednn"] = Field(
+        default="auto",
+        description="Owned forward's bf16 matmuls on a CPU: 'auto' runs the service's AMX kernel where the CPU has "
+        "AMX (and cpu_kernels is 'auto'), else oneDNN's prepacked matmul; 'onednn': oneDNN's always.",
+    )
     torch_threads: int | None = Field(
         default=None, ge=1, le=1024,
         description="Intra-op threads of the model thread (the only thread that runs torch with several); "

@@ -1,5 +1,6 @@
-"""bf16 on a CPU with oneDNN: the owned forward's weights are prepacked and held once, and both paths still give
-the plain model's answers (the HF modules compute through the packed matrices)."""
+"""bf16 on a CPU: the owned forward's weights are prepacked (AMX's layout where the CPU has it, else oneDNN's) and
+held once, and both paths still give the plain model's answers (the HF modules compute through the packed
+matrices)."""
 
 from __future__ import annotations
 
@@ -15,26 +16,32 @@ from service.domain import GenerationParams
 from service.metrics import Metrics
 from service.model.generation import generate
 from service.model.loading import load_base_model
-from service.model.owned.matmul import packing_available
+from service.model.owned.kernels import amx_matmul_available
+from service.model.owned.matmul import Packing, choose_packing
+from service.model.owned.slot_cache import CacheLimits
 from service.model.runner import GenerationJob, ModelRunner
 from service.settings import Settings
 from service.store.store import AdapterStore
 from tests.conftest import TINY_ID
 
-pytestmark = pytest.mark.skipif(not packing_available(torch.bfloat16, torch.device("cpu")),
-                                reason="this CPU build of torch has no oneDNN weight packing")
+pytestmark = pytest.mark.skipif(
+    choose_packing(torch.bfloat16, torch.device("cpu"), allow_amx=False) is not Packing.ONEDNN,
+    reason="this CPU build of torch has no oneDNN weight packing")
 
 
-@pytest.fixture(scope="module")
-def bf16_runner(tiny_base: Path) -> ModelRunner:
+@pytest.fixture(scope="module", params=[Packing.AMX, Packing.ONEDNN], ids=lambda packing: packing.value)
+def bf16_runner(request: pytest.FixtureRequest, tiny_base: Path) -> ModelRunner:
+    if request.param is Packing.AMX and not amx_matmul_available():
+        pytest.skip("this CPU has no AMX with bf16")
     loaded = load_base_model(Settings(base_model=str(tiny_base), base_model_aliases=[TINY_ID], dtype="bfloat16"))
-    return ModelRunner(loaded)
+    return ModelRunner(loaded, limits=CacheLimits(amx_matmul=request.param is Packing.AMX))
 
 
-def test_weights_are_packed_and_held_once(bf16_runner: ModelRunner) -> None:
+def test_weights_are_packed_and_held_once(bf16_runner: ModelRunner, request: pytest.FixtureRequest) -> None:
     assert bf16_runner.owned is not None
     layer = bf16_runner.owned.forward.layers[0]
-    assert layer.qkv.packed and layer.gate_up.packed and layer.o.packed and layer.down.packed
+    wanted = request.node.callspec.params["bf16_runner"]
+    assert layer.qkv.packing is layer.gate_up.packing is layer.o.packing is layer.down.packing is wanted
     q_proj = bf16_runner.base.model.model.layers[0].self_attn.q_proj
     assert q_proj.weight.stride() == (0, 0)  # a placeholder: the dense weights were freed
 

@@ -1,9 +1,11 @@
-"""The owned forward's fused CPU kernels (``csrc/cpu_kernels.cpp``), compiled for this machine at first use.
+"""The owned forward's CPU kernels (``csrc/``), compiled for this machine at first use: the fused step kernels
+(``cpu_kernels.cpp``) and, for CPUs with AMX, bf16 matmuls (``amx_linear.cpp``).
 
 They are built with the C++ compiler torch's extension loader finds, tuned for the CPU at hand (``-march=native``;
 the build is cached per CPU feature set, so a cache shared between different machines never runs one machine's
 build on another). Where no compiler is present, the build fails or the device is not a CPU, the forward runs the
-same steps as torch ops instead (``ops.py``): slower, never different in what it computes.
+same steps as torch ops instead (``ops.py``): slower, never different in what it computes; the matmuls then run
+in oneDNN (``matmul.py``), whose sums may differ from the AMX kernel's in the last bf16 bit.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+_SOURCES = Path(__file__).parent / "csrc"
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
 
@@ -35,8 +37,12 @@ def _cpu_features() -> str:
 
 def build_name() -> str:
     """The extension's name: one per source and CPU feature set (torch caches builds by name)."""
-    digest = hashlib.sha256(_SOURCE.read_bytes() + _cpu_features().encode()).hexdigest()[:12]
-    return f"adapter_service_kernels_{digest}"
+    digest = hashlib.sha256()
+    for path in sorted(_SOURCES.iterdir()):
+        if path.suffix in (".cpp", ".h"):
+            digest.update(path.name.encode() + path.read_bytes())
+    digest.update(_cpu_features().encode())
+    return f"adapter_service_kernels_{digest.hexdigest()[:12]}"
 
 
 def _vector_flags() -> list[str]:
@@ -57,6 +63,11 @@ def cpu_kernels_available() -> bool:
         return _state["loaded"]
 
 
+def amx_matmul_available() -> bool:
+    """Whether the AMX bf16 matmul runs here: the kernels built, the CPU has AMX, the OS lets this process use it."""
+    return cpu_kernels_available() and bool(torch.ops.adapter_service.amx_available())
+
+
 def _build() -> bool:
     if hasattr(torch.ops, "adapter_service") and hasattr(torch.ops.adapter_service, "slot_attention"):
         return True
@@ -65,7 +76,7 @@ def _build() -> bool:
 
         cpp_extension.load(
             name=build_name(),
-            sources=[str(_SOURCE)],
+            sources=[str(path) for path in sorted(_SOURCES.glob("*.cpp"))],
             extra_cflags=["-O3", "-march=native", "-fopenmp", *_vector_flags()],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,

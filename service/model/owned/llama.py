@@ -1,8 +1,8 @@
 """The service's own forward pass for the Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2 with its q/k/v bias).
 
-Weights are taken from the loaded HF model once: q/k/v fused into one matrix, gate/up into another (prepacked for
-oneDNN in bf16 on a CPU), and the HF modules made to compute through them (``matmul.py``), so the base sits in
-memory once and the transformers path (PEFT, classification) still runs on the very same numbers. A step's tokens
+Weights are taken from the loaded HF model once: q/k/v fused into one matrix, gate/up into another (prepacked in
+bf16 on a CPU), and the HF modules made to compute through them (``matmul.py``), so the base sits in memory once
+and the transformers path (PEFT, classification) still runs on the very same numbers. A step's tokens
 are one flat batch [tokens, hidden]: the running rows' decode tokens first, then chunks of prompts being prefilled.
 Every matmul runs on the whole flat batch; attention runs per group over the slot cache (one call for all decode
 rows over a view of their slots, one per prompt chunk). Adapters act through ``StepAdapters``: per-row LoRA deltas
@@ -19,7 +19,7 @@ import torch
 from transformers import PreTrainedModel
 
 from service.model.owned.batch import StepBatch
-from service.model.owned.matmul import Matmul, fuse
+from service.model.owned.matmul import Matmul, Packing, fuse
 from service.model.owned.ops import StepOps, step_ops
 from service.model.owned.slot_cache import SlotCache
 
@@ -65,7 +65,7 @@ class _Layer:
 
 
 class LlamaForward:
-    def __init__(self, model: PreTrainedModel, packed: bool = False, use_kernels: bool = False) -> None:
+    def __init__(self, model: PreTrainedModel, packing: Packing = Packing.DENSE, use_kernels: bool = False) -> None:
         config = model.config
         self.config = config
         self.heads: int = config.num_attention_heads
@@ -101,11 +101,11 @@ class LlamaForward:
             self.modules.append(linears)
             self.layers.append(_Layer(
                 input_norm=layer.input_layernorm.weight,
-                qkv=fuse([linears["q_proj"], linears["k_proj"], linears["v_proj"]], packed),
-                o=fuse([linears["o_proj"]], packed),
+                qkv=fuse([linears["q_proj"], linears["k_proj"], linears["v_proj"]], packing),
+                o=fuse([linears["o_proj"]], packing),
                 post_norm=layer.post_attention_layernorm.weight,
-                gate_up=fuse([linears["gate_proj"], linears["up_proj"]], packed),
-                down=fuse([linears["down_proj"]], packed),
+                gate_up=fuse([linears["gate_proj"], linears["up_proj"]], packing),
+                down=fuse([linears["down_proj"]], packing),
             ))
         rotary = backbone.rotary_emb
         positions = torch.arange(config.max_position_embeddings, device=self.embed.device)

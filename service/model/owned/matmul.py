@@ -4,43 +4,73 @@ q/k/v (and gate/up) are concatenated into one matrix so a step runs one matmul f
 usable for the transformers path (classification, PEFT-hosted LoRA) without a second copy of the weights:
 
 - dense (float32, GPUs): each HF module's weight becomes a view of its rows of the fused matrix;
-- prepacked (bfloat16 on a CPU with oneDNN): the fused matrix is reordered once into oneDNN's blocked layout (a
-  plain bf16 matmul reorders the weight on every call; packed, the step's matmuls ran 1.2-1.7x faster here, with
-  bit-identical results), the dense weights are freed, and each HF module computes through the packed matrix: the
-  first module of a group called on an input runs the fused matmul, the others take their slice of that output.
-  Their ``weight`` is then a zero-strided placeholder with the right shape, dtype and device (PEFT and the adapter
-  pools read only those).
+- prepacked (bfloat16 on a CPU): the fused matrix is reordered once into a blocked layout, the dense weights are
+  freed, and each HF module computes through the packed matrix: the first module of a group called on an input
+  runs the fused matmul, the others take their slice of that output. Their ``weight`` is then a zero-strided
+  placeholder with the right shape, dtype and device (PEFT and the adapter pools read only those). The layout is
+  the service's AMX kernel's (``csrc/amx_linear.cpp``) where the CPU has AMX, else oneDNN's (a plain bf16 matmul
+  reorders the weight on every call; oneDNN-packed, the step's matmuls ran 1.2-1.7x faster here, with
+  bit-identical results).
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from service.model.owned.kernels import amx_matmul_available
+
 _BATCH_HINT = 64  # rows oneDNN tunes the packed layout for (a decode step's order of magnitude)
 
 
-def packing_available(dtype: torch.dtype, device: torch.device) -> bool:
-    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+class Packing(enum.Enum):
+    DENSE = "dense"  # the weights as they are (float32, GPUs)
+    ONEDNN = "oneDNN"  # oneDNN's blocked layout
+    AMX = "AMX"  # the service's AMX kernel's layout
+
+
+def choose_packing(dtype: torch.dtype, device: torch.device, allow_amx: bool) -> Packing:
+    """The fastest layout available for weights of this dtype on this device."""
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return Packing.DENSE
+    if allow_amx and amx_matmul_available():
+        return Packing.AMX
+    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return Packing.ONEDNN
+    return Packing.DENSE
 
 
 class Matmul:
     """x @ W^T (+ b) for x [..., in]."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: bool) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packing: Packing) -> None:
         self.out_features, self.in_features = weight.shape
         self.bias = bias
-        self.packed = packed
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, _BATCH_HINT) if packed else weight
+        self.packing = packing
+        if packing is Packing.AMX:
+            self.weight = torch.ops.adapter_service.amx_pack(weight)
+        elif packing is Packing.ONEDNN:
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, _BATCH_HINT)
+        else:
+            self.weight = weight
+
+    @property
+    def packed(self) -> bool:
+        return self.packing is not Packing.DENSE
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.packed:
+        if self.packing is Packing.DENSE:
             return F.linear(x, self.weight, self.bias)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input of {x.shape[-1]} features to a matmul of {self.in_features}")
         flat = x.reshape(-1, self.in_features)
-        out = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
+        if self.packing is Packing.AMX:
+            out = torch.ops.adapter_service.amx_linear(flat, self.weight, self.out_features, self.bias)
+        else:
+            out = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
         return out.view(*x.shape[:-1], self.out_features)
 
 
@@ -59,19 +89,19 @@ class _SharedOutput:
         return self._output
 
 
-def fuse(modules: Sequence[torch.nn.Linear], packed: bool) -> Matmul:
+def fuse(modules: Sequence[torch.nn.Linear], packing: Packing) -> Matmul:
     """One matmul for linears over the same input, the modules computing through it (see the module docstring)."""
     weight = torch.cat([m.weight.detach() for m in modules])
     biases = [m.bias for m in modules]
     bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
     if bias is None and any(b is not None for b in biases):
         raise ValueError("some of the fused linears have a bias and some do not")
-    matmul = Matmul(weight, bias, packed)
+    matmul = Matmul(weight, bias, packing)
     shared = _SharedOutput(matmul)
     row = 0
     for module in modules:
         rows = slice(row, row + module.out_features)
-        if packed:
+        if matmul.packed:
             module.weight = torch.nn.Parameter(
                 torch.zeros((), dtype=weight.dtype, device=weight.device).expand(module.out_features,
                                                                                  module.in_features),

@@ -9,7 +9,7 @@ from service.model.gathered import GatheredLora
 from service.model.ia3 import IA3Pool
 from service.model.loading import BaseModel
 from service.model.owned.llama import LlamaForward, unsupported_reason
-from service.model.owned.matmul import packing_available
+from service.model.owned.matmul import choose_packing
 from service.model.owned.ops import KernelOps
 from service.model.owned.routing import OwnedAdapters
 from service.model.owned.slot_cache import CacheLimits, CacheShape, SlotCache
@@ -36,13 +36,13 @@ def build_owned(base: BaseModel, gathered: GatheredLora, ia3: IA3Pool, limits: C
     if reason is not None:
         logger.info("generation uses the transformers forward: the owned one does not cover %s", reason)
         return None
-    forward = LlamaForward(base.model, packed=packing_available(base.dtype, base.device),
-                           use_kernels=limits.cpu_kernels)
+    packing = choose_packing(base.dtype, base.device, allow_amx=limits.cpu_kernels and limits.amx_matmul)
+    forward = LlamaForward(base.model, packing=packing, use_kernels=limits.cpu_kernels)
     shape = CacheShape.sized(limits, len(forward.layers), forward.kv_heads, forward.head_dim, max_positions,
                              forward.dtype)
     cache = SlotCache(shape, forward.dtype, base.device)
     logger.info("owned forward (%s weights, %s): %d slots of %d tokens, cache budget %d tokens (%.0f MiB)",
-                "prepacked" if forward.layers[0].qkv.packed else "dense",
+                f"{packing.value}-packed" if forward.layers[0].qkv.packed else "dense",
                 "fused CPU kernels" if isinstance(forward.ops, KernelOps) else "torch ops", shape.slots,
                 shape.slot_tokens, shape.budget_tokens, cache.nbytes_budget() / 2**20)
     return OwnedModel(forward, cache, OwnedAdapters(forward, gathered, ia3, shape.slots), limits.max_batch_tokens)

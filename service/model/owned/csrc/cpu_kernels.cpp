@@ -10,6 +10,8 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
+
+#include "parallel.h"
 #include <omp.h>
 
 #include <algorithm>
@@ -29,62 +31,8 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = Vec::size();
 constexpr int64_t kMaxGroup = 16;  // query heads per kv head the attention kernel takes
 
-// at::parallel_for's inline lazy set-up keeps a thread_local "done" flag in each shared library that inlines it,
-// so its first call from this extension on a thread resets that thread's count to torch's global default. The
-// model thread runs with more threads than that default (service/model/threads.py), so this extension splits its
-// loops itself, with the count libtorch already holds for the calling thread.
-
-// Runs part(thread, team) on each thread of a team; an exception may not leave an OpenMP region, so the first one
-// thrown is rethrown after it.
-template <typename F>
-void run_team(int threads, const F& part) {
-  std::exception_ptr error;
-#pragma omp parallel num_threads(threads)
-  {
-    try {
-      part(omp_get_thread_num(), omp_get_num_threads());
-    } catch (...) {
-#pragma omp critical(adapter_service_error)
-      if (!error) error = std::current_exception();
-    }
-  }
-  if (error) std::rethrow_exception(error);
-}
-
-inline int team_for(int64_t items, int64_t grain) {
-  const int threads = at::get_num_threads();
-  return items < grain || threads == 1 || omp_in_parallel() ? 1 : threads;
-}
-
-// Contiguous equal shares, as at::parallel_for splits: for loops whose items cost the same.
-template <typename F>
-void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& body) {
-  if (begin >= end) return;
-  const int threads = team_for(end - begin, grain);
-  if (threads == 1) return body(begin, end);
-  run_team(threads, [&](int thread, int team) {
-    const int64_t used = std::min<int64_t>(team, (end - begin + grain - 1) / grain);
-    const int64_t share = (end - begin + used - 1) / used;
-    const int64_t first = begin + thread * share;
-    if (first < end) body(first, std::min(end, first + share));
-  });
-}
-
-// Blocks of `block` items claimed in turn: for loops whose items cost unevenly (attention over rows of different
-// lengths: prompt tokens beside long decode rows left one thread with all the long rows under equal shares). A
-// thread that the OS preempts holds back at most its current block; the others take the rest.
-template <typename F>
-void parallel_for_claimed(int64_t begin, int64_t end, int64_t block, const F& body) {
-  if (begin >= end) return;
-  const int threads = team_for(end - begin, 2 * block);
-  if (threads == 1) return body(begin, end);
-  std::atomic<int64_t> next{begin};
-  run_team(threads, [&](int, int) {
-    for (int64_t first = next.fetch_add(block); first < end; first = next.fetch_add(block)) {
-      body(first, std::min(end, first + block));
-    }
-  });
-}
+using adapter_service::parallel_for;
+using adapter_service::parallel_for_claimed;
 
 // -- scalar and vector loads/stores in float32, rounding through the tensor's dtype ------------------------------
 

@@ -1,0 +1,244 @@
+// bf16 matmuls y = x W^T (+ b) on Intel AMX, for the owned forward's projections on CPUs that have it.
+//
+// A decode step's matmuls have few rows (16-64) against weights far larger than the caches, so they are bound by
+// how fast the weights stream from memory, and a step runs ~120 of them back to back. oneDNN's prepacked kernel
+// streamed the 30 layers' weights at ~9-15 GB/s here; this one holds each weight in the order its tiles are read,
+// splits the output columns in one contiguous range per thread (prefetched ahead as it goes) and lets a thread
+// that is done take blocks from the back of another's range, so a thread the OS preempts (the HTTP side, the
+// client) holds back only its current block instead of the whole team at a barrier. Measured against oneDNN on
+// the 30 layers of SmolLM2 (alternating, min of 8): 16 rows 12.7 -> 10.9 ms, 64 rows 17.2 -> 14.0 ms, 512 rows
+// 81 -> 69 ms; with a co-runner taking a quarter of a core, 64 rows 23.1 -> 17.3 ms.
+//
+// Numbers: products of bf16 values summed in float32 by the tile unit, the bias added in float32, rounded once to
+// bf16, as oneDNN does.
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+
+#include "parallel.h"
+
+#if defined(__x86_64__) && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
+#define ADAPTER_SERVICE_AMX 1
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16")))
+#endif
+
+namespace {
+
+constexpr int64_t kTileRows = 16;  // rows of a tile
+constexpr int64_t kBlockK = 32;    // bf16 values along K in a tile row (64 bytes)
+constexpr int64_t kBlockN = 32;    // output columns of a block: two weight tiles
+constexpr int64_t kBlockM = 32;    // input rows of a block: two input tiles
+constexpr int64_t kTileElements = kTileRows * kBlockK;  // a tile's bf16 values (1 KiB)
+constexpr int64_t kPrefetchAhead = 4;  // K steps (2 KiB of weights each) the weight stream is prefetched ahead
+
+int64_t round_up(int64_t value, int64_t to) { return (value + to - 1) / to * to; }
+
+#ifdef ADAPTER_SERVICE_AMX
+
+// The CPU has AMX with bf16 and AVX-512 with bf16 conversions, and the kernel lets this process use the tile data.
+bool detect_amx() {
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool avx512 = (ebx >> 16 & 1) && (ebx >> 30 & 1);  // AVX512F, AVX512BW
+  const bool amx = (edx >> 22 & 1) && (edx >> 24 & 1);     // AMX-BF16, AMX-TILE
+  if (!avx512 || !amx || !__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) || !(eax >> 5 & 1)) return false;
+  constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+  return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0-3: the block's sums (input tile i x weight tile j in 2i + j); 4-5: weight tiles; 6-7: input tiles.
+// `rows` is the block's input rows (1-32): a block past the last full 32 has fewer.
+AMX_TARGET void configure_tiles(int64_t rows) {
+  TileConfig config;
+  const uint8_t first = static_cast<uint8_t>(std::min(rows, kTileRows));
+  const uint8_t second = static_cast<uint8_t>(std::max<int64_t>(rows - kTileRows, 0));
+  const uint8_t sum_rows[4] = {first, first, second, second};
+  for (int t = 0; t < 4; ++t) {
+    config.rows[t] = sum_rows[t];
+    config.bytes_per_row[t] = sum_rows[t] ? kTileRows * sizeof(float) : 0;
+  }
+  for (int t = 4; t < 6; ++t) {
+    config.rows[t] = kTileRows;
+    config.bytes_per_row[t] = 64;
+  }
+  config.rows[6] = first;
+  config.bytes_per_row[6] = 64;
+  config.rows[7] = second;
+  config.bytes_per_row[7] = second ? 64 : 0;
+  _tile_loadconfig(&config);
+}
+
+AMX_TARGET void release_tiles() { _tile_release(); }
+
+// One block: sums[32][32] = input rows [32, K] x a 32-column block of the packed weight.
+AMX_TARGET void block_sums(const at::BFloat16* input, int64_t input_stride, const at::BFloat16* weight,
+                           int64_t k_steps, bool two_input_tiles, float* sums) {
+  const int64_t stride_bytes = input_stride * static_cast<int64_t>(sizeof(at::BFloat16));
+  _tile_zero(0);
+  _tile_zero(1);
+  if (two_input_tiles) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t k = 0; k < k_steps; ++k) {
+    const at::BFloat16* step = weight + k * 2 * kTileElements;
+    const char* ahead = reinterpret_cast<const char*>(step + kPrefetchAhead * 2 * kTileElements);
+    for (int line = 0; line < 2 * kTileElements * 2 / 64; ++line) _mm_prefetch(ahead + line * 64, _MM_HINT_T0);
+    _tile_loadd(4, step, 64);
+    _tile_loadd(5, step + kTileElements, 64);
+    _tile_loadd(6, input + k * kBlockK, stride_bytes);
+    _tile_dpbf16ps(0, 6, 4);
+    _tile_dpbf16ps(1, 6, 5);
+    if (two_input_tiles) {
+      _tile_loadd(7, input + kTileRows * input_stride + k * kBlockK, stride_bytes);
+      _tile_dpbf16ps(2, 7, 4);
+      _tile_dpbf16ps(3, 7, 5);
+    }
+  }
+  constexpr int64_t row_bytes = kBlockN * sizeof(float);
+  _tile_stored(0, sums, row_bytes);
+  _tile_stored(1, sums + kTileRows, row_bytes);
+  if (two_input_tiles) {
+    _tile_stored(2, sums + kTileRows * kBlockN, row_bytes);
+    _tile_stored(3, sums + kTileRows * kBlockN + kTileRows, row_bytes);
+  }
+}
+
+// sums (+ bias) rounded to bf16 into out's rows x columns (the block's valid part).
+AMX_TARGET void store_block(const float* sums, const float* bias, int64_t rows, int64_t columns, at::BFloat16* out,
+                            int64_t out_stride) {
+  const __mmask16 low = columns >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << columns) - 1);
+  const __mmask16 high = columns >= 32 ? 0xFFFF : columns > 16 ? static_cast<__mmask16>((1u << (columns - 16)) - 1) : 0;
+  const __m512 bias_low = bias ? _mm512_maskz_loadu_ps(low, bias) : _mm512_setzero_ps();
+  const __m512 bias_high = bias ? _mm512_maskz_loadu_ps(high, bias + 16) : _mm512_setzero_ps();
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m256bh first = _mm512_cvtneps_pbh(_mm512_add_ps(_mm512_loadu_ps(sums + r * kBlockN), bias_low));
+    const __m256bh second = _mm512_cvtneps_pbh(_mm512_add_ps(_mm512_loadu_ps(sums + r * kBlockN + 16), bias_high));
+    _mm256_mask_storeu_epi16(out + r * out_stride, low, (__m256i)first);
+    _mm256_mask_storeu_epi16(out + r * out_stride + 16, high, (__m256i)second);
+  }
+}
+
+thread_local int64_t configured_rows = 0;  // the tile configuration a team thread holds during a call (0: none)
+
+#endif  // ADAPTER_SERVICE_AMX
+
+bool amx_available() {
+#ifdef ADAPTER_SERVICE_AMX
+  static const bool available = detect_amx();
+  return available;
+#else
+  return false;
+#endif
+}
+
+// weight [N, K] -> 1-D, by 32-column block, then K step, then the block's two tiles, each 16 pairs of K x 16 columns
+// x the pair (the tile unit's layout for the right operand); N and K padded with zeros to multiples of 32.
+at::Tensor amx_pack(const at::Tensor& weight) {
+  TORCH_CHECK(amx_available(), "this CPU has no AMX with bf16 (or the kernel does not allow this process its tiles)");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 && weight.device().is_cpu(),
+              "weight: 2-D bfloat16 on the CPU");
+  const at::Tensor dense = weight.contiguous();
+  const int64_t n = dense.size(0), k = dense.size(1);
+  const int64_t n_blocks = round_up(n, kBlockN) / kBlockN, k_steps = round_up(k, kBlockK) / kBlockK;
+  at::Tensor packed = at::empty({n_blocks * kBlockN * k_steps * kBlockK}, dense.options());
+  const at::BFloat16* source = dense.data_ptr<at::BFloat16>();
+  at::BFloat16* target = packed.data_ptr<at::BFloat16>();
+  adapter_service::parallel_for(0, n_blocks, 1, [&](int64_t first, int64_t last) {
+    at::BFloat16* out = target + first * kBlockN * k_steps * kBlockK;
+    for (int64_t block = first; block < last; ++block)
+      for (int64_t step = 0; step < k_steps; ++step)
+        for (int64_t tile = 0; tile < 2; ++tile)
+          for (int64_t pair = 0; pair < kTileRows; ++pair)
+            for (int64_t column = 0; column < kTileRows; ++column)
+              for (int64_t half = 0; half < 2; ++half) {
+                const int64_t row = block * kBlockN + tile * kTileRows + column;
+                const int64_t along = step * kBlockK + pair * 2 + half;
+                *out++ = row < n && along < k ? source[row * k + along] : at::BFloat16(0.0f);
+              }
+  });
+  return packed;
+}
+
+at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
+                      const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(amx_available(), "this CPU has no AMX with bf16 (or the kernel does not allow this process its tiles)");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(), "x: 2-D bfloat16 on the CPU");
+  const int64_t m = x.size(0), k = x.size(1), n = out_features;
+  const int64_t n_blocks = round_up(n, kBlockN) / kBlockN, k_steps = round_up(k, kBlockK) / kBlockK;
+  TORCH_CHECK(packed.dim() == 1 && packed.is_contiguous() && packed.scalar_type() == at::kBFloat16 &&
+                  packed.numel() == n_blocks * kBlockN * k_steps * kBlockK,
+              "packed weight: amx_pack of a [", n, ", ", k, "] weight");
+  at::Tensor bias_float;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "bias: [", n, "]");
+    bias_float = bias->to(at::kFloat).contiguous();
+  }
+  at::Tensor out = at::empty({m, n}, x.options());
+  if (m == 0 || n == 0) return out;
+#ifdef ADAPTER_SERVICE_AMX
+  // The tile unit reads whole 32-value steps of K along rows of the input: pad K if it is not a multiple of 32.
+  at::Tensor input = x;
+  if (k % kBlockK != 0 || x.stride(1) != 1) {
+    input = at::zeros({m, k_steps * kBlockK}, x.options());
+    input.narrow(1, 0, k).copy_(x);
+  }
+  const at::BFloat16* input_data = input.data_ptr<at::BFloat16>();
+  const int64_t input_stride = input.stride(0);
+  const at::BFloat16* weight = packed.data_ptr<at::BFloat16>();
+  const float* bias_data = bias.has_value() ? bias_float.data_ptr<float>() : nullptr;
+  at::BFloat16* out_data = out.data_ptr<at::BFloat16>();
+  const int64_t block_weight = kBlockN * k_steps * kBlockK;
+  adapter_service::parallel_for_stealing(
+      n_blocks,
+      [&](int64_t block) {
+        alignas(64) float sums[kBlockM * kBlockN];
+        const int64_t column = block * kBlockN, columns = std::min(kBlockN, n - column);
+        for (int64_t row = 0; row < m; row += kBlockM) {
+          const int64_t rows = std::min(kBlockM, m - row);
+          if (rows != configured_rows) {
+            configure_tiles(rows);
+            configured_rows = rows;
+          }
+          block_sums(input_data + row * input_stride, input_stride, weight + block * block_weight, k_steps,
+                     rows > kTileRows, sums);
+          store_block(sums, bias_data ? bias_data + column : nullptr, rows, columns, out_data + row * n + column, n);
+        }
+      },
+      [] { configured_rows = 0; },
+      [] {
+        if (configured_rows != 0) release_tiles();
+        configured_rows = 0;
+      });
+#endif
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(adapter_service, m) {
+  m.def("amx_available() -> bool", [] { return amx_available(); });
+  m.def("amx_pack(Tensor weight) -> Tensor");
+  m.def("amx_linear(Tensor x, Tensor packed, int out_features, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(adapter_service, CPU, m) {
+  m.impl("amx_pack", amx_pack);
+  m.impl("amx_linear", amx_linear);
+}

@@ -1,0 +1,101 @@
+"""The AMX bf16 matmul computes x W^T (+ b) to bf16's rounding for any rows, columns and depth (tails of its 32-wide
+blocks included), on one thread or a team; bad input is refused with a message, and CPUs without AMX never see it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from service.model.owned.kernels import amx_matmul_available, cpu_kernels_available
+from service.model.owned.matmul import Matmul, Packing, choose_packing
+
+pytestmark = pytest.mark.skipif(not amx_matmul_available(), reason="this CPU has no AMX with bf16")
+
+# Rows, out features, in features: whole blocks, tails of every kind, one row, a depth that is not a multiple of 32.
+SHAPES = [(64, 960, 576), (1, 17, 33), (7, 576, 576), (16, 64, 64), (17, 64, 64), (31, 40, 64), (33, 3072, 576),
+          (48, 49, 96), (160, 576, 1536), (5, 100, 70)]
+
+
+def _reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out = x.float() @ weight.float().T
+    return out + bias.float() if bias is not None else out
+
+
+def _assert_within_rounding(got: torch.Tensor, expected: torch.Tensor) -> None:
+    assert got.dtype == torch.bfloat16 and got.shape == expected.shape
+    # Sums in float32, rounded once to bf16: within half a bf16 unit of the float32 sum, plus summation order.
+    error = (got.float() - expected).abs() / expected.abs().clamp_min(1.0)
+    assert error.max().item() <= 2 ** -8 + 1e-4
+
+
+@pytest.mark.parametrize("rows,out_features,in_features", SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matches_the_float32_product(rows: int, out_features: int, in_features: int, with_bias: bool) -> None:
+    generator = torch.Generator().manual_seed(rows * 1000 + out_features)
+    weight = torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)
+    x = torch.randn(rows, in_features, generator=generator).to(torch.bfloat16)
+    bias = torch.randn(out_features, generator=generator).to(torch.bfloat16) if with_bias else None
+    ops = torch.ops.adapter_service
+    got = ops.amx_linear(x, ops.amx_pack(weight), out_features, bias)
+    _assert_within_rounding(got, _reference(x, weight, bias))
+
+
+def test_one_thread_and_a_team_agree() -> None:
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(3072, 576, generator=generator).to(torch.bfloat16)
+    x = torch.randn(40, 576, generator=generator).to(torch.bfloat16)
+    packed = torch.ops.adapter_service.amx_pack(weight)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = torch.ops.adapter_service.amx_linear(x, packed, 3072, None)
+        torch.set_num_threads(max(2, threads))
+        together = torch.ops.adapter_service.amx_linear(x, packed, 3072, None)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(alone, together)  # each output block is one thread's, summed in the same order
+
+
+def test_strided_and_empty_inputs() -> None:
+    weight = torch.randn(96, 64).to(torch.bfloat16)
+    packed = torch.ops.adapter_service.amx_pack(weight)
+    every_other = torch.randn(10, 128).to(torch.bfloat16)[:, ::2]
+    first_half = torch.randn(10, 128).to(torch.bfloat16)[:, :64]
+    for x in (every_other, first_half):
+        _assert_within_rounding(torch.ops.adapter_service.amx_linear(x, packed, 96, None), _reference(x, weight, None))
+    assert torch.ops.adapter_service.amx_linear(torch.empty(0, 64, dtype=torch.bfloat16), packed, 96,
+                                                None).shape == (0, 96)
+
+
+def test_bad_input_is_refused() -> None:
+    weight = torch.randn(96, 64).to(torch.bfloat16)
+    packed = torch.ops.adapter_service.amx_pack(weight)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        torch.ops.adapter_service.amx_linear(torch.randn(4, 64), packed, 96, None)
+    with pytest.raises(RuntimeError, match="packed weight"):
+        torch.ops.adapter_service.amx_linear(torch.randn(4, 64).to(torch.bfloat16), packed, 200, None)
+    with pytest.raises(RuntimeError, match="bias"):
+        torch.ops.adapter_service.amx_linear(torch.randn(4, 64).to(torch.bfloat16), packed, 96,
+                                             torch.zeros(3, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        torch.ops.adapter_service.amx_pack(torch.randn(96, 64))
+    matmul = Matmul(weight, None, Packing.AMX)
+    with pytest.raises(ValueError, match="input of 32 features"):
+        matmul(torch.randn(4, 32).to(torch.bfloat16))
+
+
+def test_packing_is_chosen_by_what_the_machine_has() -> None:
+    cpu = torch.device("cpu")
+    assert choose_packing(torch.bfloat16, cpu, allow_amx=True) is Packing.AMX
+    assert choose_packing(torch.bfloat16, cpu, allow_amx=False) is Packing.ONEDNN
+    assert choose_packing(torch.float32, cpu, allow_amx=True) is Packing.DENSE  # fp32 keeps the plain weights
+    assert cpu_kernels_available()
+
+
+def test_the_matmul_keeps_leading_dimensions() -> None:
+    weight = torch.randn(48, 64).to(torch.bfloat16)
+    bias = torch.randn(48).to(torch.bfloat16)
+    x = torch.randn(2, 3, 64).to(torch.bfloat16)
+    got = Matmul(weight, bias, Packing.AMX)(x)
+    assert got.shape == (2, 3, 48)
+    _assert_within_rounding(got.reshape(6, 48), _reference(x.reshape(6, 64), weight, bias))
