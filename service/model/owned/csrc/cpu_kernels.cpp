@@ -65,6 +65,28 @@ inline Vec rounded(const Vec& v) {
 template <>
 inline Vec rounded<float>(const Vec& v) { return v; }
 
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+#include <immintrin.h>
+
+// bf16 <-> float32 in one or two instructions where the CPU converts natively; ATen's portable conversions cost a
+// bf16 norm or SiLU four to five times its float32 time here. Rounding is to nearest even, as ATen's; the
+// instruction flushes float32 denormals (below 1.2e-38) to zero, which no activation or weight of a model holds.
+template <>
+inline Vec load_floats<at::BFloat16>(const at::BFloat16* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+template <>
+inline void store_floats<at::BFloat16>(at::BFloat16* p, const Vec& v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+}
+template <>
+inline Vec rounded<at::BFloat16>(const Vec& v) {
+  const __m256i bits = (__m256i)_mm512_cvtneps_pbh(v);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+#endif
+
 // The dtypes a model runs in: float32, bfloat16, float16.
 #define DISPATCH_MODEL_DTYPES(TYPE, NAME, ...)                       \
   AT_DISPATCH_SWITCH(TYPE, NAME,                                     \
