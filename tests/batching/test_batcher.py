@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -154,3 +155,93 @@ def test_stop_fails_waiting_requests_with_not_ready() -> None:
         first.cancel()
 
     _run(main())
+
+
+class _Rows:
+    """A continuous step runner: each admitted payload is a row that streams ``payload`` steps, one partial each,
+    then its result; it records which step admitted what and which thread stepped."""
+
+    def __init__(self, gate: threading.Event | None = None, seconds: float = 0.0) -> None:
+        self.left: dict[int, int] = {}
+        self.steps = 0
+        self.admitted_at: dict[int, int] = {}
+        self.threads: set[str] = set()
+        self.gate = gate  # the third step waits for it
+        self.seconds = seconds  # each step's compute time
+
+    def __call__(self, admitted: Sequence[tuple[int, int]]) -> tuple[list[tuple[int, str, object]], int]:
+        self.threads.add(threading.current_thread().name)
+        time.sleep(self.seconds)
+        self.steps += 1
+        if self.steps == 3 and self.gate is not None:
+            assert self.gate.wait(5), "earlier steps' partials never reached their requests"
+        for handle, payload in admitted:
+            self.left[handle] = payload
+            self.admitted_at[payload] = self.steps
+        events: list[tuple[int, str, object]] = []
+        for handle in list(self.left):
+            self.left[handle] -= 1
+            events.append((handle, "partial", self.steps))
+            if self.left[handle] == 0:
+                del self.left[handle]
+                events.append((handle, "result", self.steps))
+        return events, len(self.left)
+
+
+def _continuous(rows: _Rows, max_batch_size: int = 8) -> Batcher:
+    return Batcher(lambda key, payloads, report: list(payloads), ThreadPoolExecutor(1, thread_name_prefix="model"),
+                   max_batch_size=max_batch_size, max_wait_ms=1, max_queue_size=100, step=rows,
+                   continuous=lambda key: key == "gen")
+
+
+def test_steps_run_ahead_on_the_model_thread_and_stream_each_step_as_it_ends() -> None:
+    gate = threading.Event()
+    rows = _Rows(gate)
+
+    async def main() -> list[object]:
+        batcher = _continuous(rows)
+        batcher.start()
+        seen: list[object] = []
+
+        def on_partial(value: object) -> None:
+            seen.append(value)
+            if value == 2:  # steps 1 and 2 were delivered while the executor still ran step 3
+                gate.set()
+
+        result = await batcher.submit("gen", 5, on_partial)
+        await batcher.stop()
+        return [*seen, result]
+
+    assert _run(main()) == [1, 2, 3, 4, 5, 5]
+    assert rows.threads == {"model_0"}
+
+
+def test_a_request_arriving_mid_run_joins_at_once() -> None:
+    rows = _Rows(seconds=0.002)
+
+    async def main() -> None:
+        batcher = _continuous(rows)
+        batcher.start()
+        long = asyncio.create_task(batcher.submit("gen", 200))
+        while rows.steps < 5:
+            await asyncio.sleep(0.001)
+        joined_after = rows.steps
+        assert await batcher.submit("gen", 3) == rows.admitted_at[3] + 2
+        assert rows.admitted_at[3] <= joined_after + 2  # not after the running row's 200 steps, nor 16 of them
+        assert await long == 200
+        await batcher.stop()
+
+    _run(main())
+
+
+def test_a_row_leaving_admits_the_next_waiting_request() -> None:
+    rows = _Rows()
+
+    async def main() -> list[object]:
+        batcher = _continuous(rows, max_batch_size=1)
+        batcher.start()
+        results = await asyncio.gather(batcher.submit("gen", 2), batcher.submit("gen", 3))
+        await batcher.stop()
+        return results
+
+    assert _run(main()) == [2, 5]  # the second joined in the step after the first left
