@@ -117,6 +117,66 @@ void check_cpu(const at::Tensor& t, const char* name) {
 // slot: prefix entries, earlier chunks, generated tokens. Query heads are grouped over their key/value head (GQA:
 // head h reads kv head h / group), so each key and value row is read once for its whole group.
 
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+// The lane sums of sixteen vectors as one vector (out[j] = sum of p[j]'s lanes): a transposing tree of 45
+// shuffles and adds, where sixteen separate reductions cost about three times that.
+inline __m512 lane_sums16(const __m512* p) {
+  __m512 pairs[8];  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] of p[2i] = a, p[2i+1] = b
+  for (int i = 0; i < 8; ++i) {
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(p[2 * i], p[2 * i + 1]), _mm512_unpackhi_ps(p[2 * i], p[2 * i + 1]));
+  }
+  __m512 quads[4];  // per 128-bit lane: that lane's sums of p[4i], ..., p[4i + 3]
+  for (int i = 0; i < 4; ++i) {
+    const __m512d x = _mm512_castps_pd(pairs[2 * i]), y = _mm512_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  const __m512 low = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 high = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(low, high, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(low, high, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// bf16 queries x keys with the CPU's bf16 dot product (pairs of bf16 multiplied exactly and summed in float32),
+// sixteen keys at a time: scores[g * length + j] = scale * q_g . k_j. A bf16 decode step spent most of its
+// attention in per-key float conversions and reductions, the keys themselves coming from cache.
+template <int64_t Pairs>  // head size / 32
+void bf16_scores(const at::BFloat16* queries, int64_t query_stride, int64_t group, const at::BFloat16* key_rows,
+                 const at::BFloat16* value_rows, int64_t length, float scale, float* scores) {
+  constexpr int64_t dim = Pairs * 32;
+  const __m512 scale_vec = _mm512_set1_ps(scale);
+  for (int64_t first = 0; first < length; first += 16) {
+    const int64_t count = std::min<int64_t>(16, length - first);
+    for (int64_t j = first; j < first + count; ++j) {  // next block's keys and this block's values, from memory
+      for (int64_t line = 0; line < dim * 2; line += 64) {
+        __builtin_prefetch(reinterpret_cast<const char*>(key_rows + (j + 16) * dim) + line);
+        __builtin_prefetch(reinterpret_cast<const char*>(value_rows + j * dim) + line);
+      }
+    }
+    for (int64_t g = 0; g < group; ++g) {
+      __m512bh query[Pairs];
+      for (int64_t c = 0; c < Pairs; ++c) {
+        query[c] = (__m512bh)_mm512_loadu_si512(queries + g * query_stride + c * 32);
+      }
+      __m512 products[16];
+      for (int64_t j = 0; j < 16; ++j) {
+        __m512 sum = _mm512_setzero_ps();
+        if (j < count) {
+          const at::BFloat16* key = key_rows + (first + j) * dim;
+          for (int64_t c = 0; c < Pairs; ++c) {
+            sum = _mm512_dpbf16_ps(sum, query[c], (__m512bh)_mm512_loadu_si512(key + c * 32));
+          }
+        }
+        products[j] = sum;
+      }
+      const __m512 block = _mm512_mul_ps(lane_sums16(products), scale_vec);
+      _mm512_mask_storeu_ps(scores + g * length + first, static_cast<__mmask16>((1u << count) - 1), block);
+    }
+  }
+}
+#endif
+
 template <typename T>
 void slot_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& keys,
                          at::Tensor& values, const at::Tensor& slots, const at::Tensor& positions, double scale,
@@ -161,13 +221,20 @@ void slot_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Ten
         const int64_t t = i / kv_heads, head = i % kv_heads;
         const int64_t length = pos_ptr[t] + 1;
         scores.resize(group * length);
+        const T* key_rows = keys_ptr + entry(slot_ptr[t], head, 0);
+        const T* value_rows = values_ptr + entry(slot_ptr[t], head, 0);
+        constexpr int64_t kRowBytes = C * kLanes * sizeof(T);
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+        if constexpr (std::is_same_v<T, at::BFloat16> && C % 2 == 0) {
+          bf16_scores<C / 2>(q_ptr + t * q_token + head * group * q_head, q_head, group, key_rows, value_rows,
+                             length, softmax_scale, scores.data());
+        } else
+#endif
+        {
         for (int64_t g = 0; g < group; ++g) {
           const T* src = q_ptr + t * q_token + (head * group + g) * q_head;
           for (int64_t c = 0; c < C; ++c) query[g][c] = load_floats(src + c * kLanes) * Vec(softmax_scale);
         }
-        const T* key_rows = keys_ptr + entry(slot_ptr[t], head, 0);
-        const T* value_rows = values_ptr + entry(slot_ptr[t], head, 0);
-        constexpr int64_t kRowBytes = C * kLanes * sizeof(T);
         for (int64_t j = 0; j < length; ++j) {
           // A decode step reads every row's cache once, from memory, not cache: prefetch keys a few rows ahead
           // and the values this loop will want next, which the hardware prefetcher alone leaves latency-bound.
@@ -181,6 +248,7 @@ void slot_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Ten
             for (int64_t c = 1; c < C; ++c) products = at::vec::fmadd(query[g][c], row[c], products);
             scores[g * length + j] = sum(products);
           }
+        }
         }
         const int64_t whole = length - length % kLanes;
         for (int64_t g = 0; g < group; ++g) {
