@@ -11,19 +11,20 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
-#include "parallel.h"
-#include <omp.h>
-
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <tuple>
 #include <cstring>
-#include <exception>
 #include <functional>
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+#include "parallel.h"
 
 namespace {
 
@@ -66,8 +67,6 @@ template <>
 inline Vec rounded<float>(const Vec& v) { return v; }
 
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-#include <immintrin.h>
-
 // bf16 <-> float32 in one or two instructions where the CPU converts natively; ATen's portable conversions cost a
 // bf16 norm or SiLU four to five times its float32 time here. Rounding is to nearest even, as ATen's; the
 // instruction flushes float32 denormals (below 1.2e-38) to zero, which no activation or weight of a model holds.
@@ -223,7 +222,6 @@ void slot_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Ten
         scores.resize(group * length);
         const T* key_rows = keys_ptr + entry(slot_ptr[t], head, 0);
         const T* value_rows = values_ptr + entry(slot_ptr[t], head, 0);
-        constexpr int64_t kRowBytes = C * kLanes * sizeof(T);
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
         if constexpr (std::is_same_v<T, at::BFloat16> && C % 2 == 0) {
           bf16_scores<C / 2>(q_ptr + t * q_token + head * group * q_head, q_head, group, key_rows, value_rows,
@@ -231,6 +229,7 @@ void slot_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Ten
         } else
 #endif
         {
+        constexpr int64_t kRowBytes = C * kLanes * sizeof(T);
         for (int64_t g = 0; g < group; ++g) {
           const T* src = q_ptr + t * q_token + (head * group + g) * q_head;
           for (int64_t c = 0; c < C; ++c) query[g][c] = load_floats(src + c * kLanes) * Vec(softmax_scale);
