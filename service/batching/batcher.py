@@ -211,13 +211,14 @@ class Batcher:
             self._step_key = admitted[0].key
         loop = asyncio.get_running_loop()
         self._arrived.clear()
+        started = time.perf_counter()
         try:
             last = await loop.run_in_executor(self._executor, self._run_ahead, loop, admitted, stepped)
         except Exception as error:  # the step runner is expected to recover; if not, fail what was running
             logger.exception("generation step failed")
             self._running = 0
-            now = time.perf_counter()
-            last = ([(handle, "error", error) for handle in self._live], 0, [], now, 0.0)
+            errors = [(handle, "error", error) for handle in self._live]
+            last = (errors, stepped, admitted, started, time.perf_counter() - started)
         self._apply_step(*last)
 
     def _run_ahead(self, loop: asyncio.AbstractEventLoop, admitted: list[_Item],
