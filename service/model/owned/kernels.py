@@ -20,7 +20,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = Path(__file__).parent / "csrc"
+_SOURCE_DIR = Path(__file__).parent / "csrc"
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
 
@@ -38,7 +38,7 @@ def _cpu_features() -> str:
 def build_name() -> str:
     """The extension's name: one per source and CPU feature set (torch caches builds by name)."""
     digest = hashlib.sha256()
-    for path in sorted(_SOURCES.iterdir()):
+    for path in sorted(_SOURCE_DIR.iterdir()):
         if path.suffix in (".cpp", ".h"):
             digest.update(path.name.encode() + path.read_bytes())
     digest.update(_cpu_features().encode())
@@ -76,7 +76,7 @@ def _build() -> bool:
 
         cpp_extension.load(
             name=build_name(),
-            sources=[str(path) for path in sorted(_SOURCES.glob("*.cpp"))],
+            sources=[str(path) for path in sorted(_SOURCE_DIR.glob("*.cpp"))],
             extra_cflags=["-O3", "-march=native", "-fopenmp", *_vector_flags()],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,

@@ -52,6 +52,8 @@ class Matmul:
         self.packing = packing
         if packing is Packing.AMX:
             self.weight = torch.ops.adapter_service.amx_pack(weight)
+            # the kernel adds the bias in float32: converted once here, not on every call (same values)
+            self.bias = bias.float() if bias is not None else None
         elif packing is Packing.ONEDNN:
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, _BATCH_HINT)
         else:

@@ -188,7 +188,7 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out
   at::Tensor bias_float;
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "bias: [", n, "]");
-    bias_float = bias->to(at::kFloat).contiguous();
+    bias_float = bias->to(at::kFloat).contiguous();  // no copy for a float32 bias (what Matmul holds)
   }
   at::Tensor out = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return out;
