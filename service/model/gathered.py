@@ -20,7 +20,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from service.model.slots import Slots
 
 
-class _ModuleStack:
+class ModuleStack:
     """One adapted module's stacks: A [slots, rank, in] and scaled B transposed [slots, rank, out], zero where unused
     (B^T so a row's delta is a sum of whole rows of it: what the LoRA kernel and the batched matmuls both read)."""
 
@@ -29,6 +29,7 @@ class _ModuleStack:
         self.rank = 0
         self.a = weight.new_zeros((capacity, 0, layer.in_features))
         self.b_t = weight.new_zeros((capacity, 0, layer.out_features))
+        self.ranks = torch.zeros(capacity, dtype=torch.long, device=weight.device)  # each slot's own rank (0: none)
         self.rows: torch.Tensor | None = None  # the slot of each row of the batch being computed, if any
         # The rows' A^T and B^T gathered for the current routing; kept across decode steps while the rows and the
         # pool stay the same, since the gather copies more bytes than the two small matmuls read.
@@ -43,7 +44,9 @@ class _ModuleStack:
         b_t = self.b_t.new_zeros((capacity, rank, self.b_t.shape[2]))
         a[: self.a.shape[0], : self.rank] = self.a
         b_t[: self.b_t.shape[0], : self.rank] = self.b_t
-        self.a, self.b_t, self.rank = a, b_t, rank
+        ranks = self.ranks.new_zeros(capacity)
+        ranks[: self.ranks.shape[0]] = self.ranks
+        self.a, self.b_t, self.ranks, self.rank = a, b_t, ranks, rank
 
     def hook(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         if self.rows is None:
@@ -82,7 +85,7 @@ class GatheredLora:
 
     def __init__(self) -> None:
         self._slots = Slots()
-        self._stacks: dict[int, _ModuleStack] = {}  # by id of the base layer
+        self._stacks: dict[int, ModuleStack] = {}  # by id of the base layer
         self._modules: dict[int, torch.nn.Linear] = {}
         self._hooks: list = []
         self._version = 0  # bumped whenever a slot's weights change, so rows gathered earlier are never reused
@@ -119,7 +122,7 @@ class GatheredLora:
             # wraps a layer later.
             stack = self._stacks.get(id(layer))
             if stack is None:
-                stack = self._stacks[id(layer)] = _ModuleStack(layer, self._slots.capacity)
+                stack = self._stacks[id(layer)] = ModuleStack(layer, self._slots.capacity)
                 self._modules[id(layer)] = layer
                 self._hooks.append(layer.register_forward_hook(stack.hook))
             r = a.shape[0]
@@ -129,12 +132,14 @@ class GatheredLora:
                 stack.b_t[slot].zero_()
                 stack.a[slot, :r] = a
                 stack.b_t[slot, :r] = b.T
+                stack.ranks[slot] = r
 
     def _clear(self, slot: int) -> None:
         for stack in self._stacks.values():
             if slot < stack.a.shape[0]:
                 stack.a[slot].zero_()
                 stack.b_t[slot].zero_()
+                stack.ranks[slot] = 0
 
     def remove(self, name: str) -> None:
         self._layers_of.pop(name, None)
@@ -149,7 +154,7 @@ class GatheredLora:
         """Ids of the base layers an adapter in the pool adapts."""
         return self._layers_of.get(name, set())
 
-    def stack(self, layer: torch.nn.Module) -> _ModuleStack | None:
+    def stack(self, layer: torch.nn.Module) -> ModuleStack | None:
         return self._stacks.get(id(layer))
 
     def slots(self, names: Sequence[str | None]) -> list[int]:

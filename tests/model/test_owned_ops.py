@@ -134,27 +134,55 @@ def test_kernels_refuse_what_would_read_outside_the_cache() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rank", [8, 16, 5])
 def test_lora_kernel_adds_each_tokens_own_adapter_delta(dtype: torch.dtype, rank: int) -> None:
-    """Per token, out += B[slot] A[slot] x from the pool's stacks (B kept transposed); tokens without an adapter
-    (-1) are untouched, and a strided view (one module's slice of a fused output) is written in place."""
+    """Per token, out += B[slot] A[slot] x from the pool's stacks (B kept transposed), over the slot's own rank
+    only; tokens without an adapter (-1) or of a slot of rank 0 are untouched, and a strided view (one module's
+    slice of a fused output) is written in place."""
     generator = torch.Generator().manual_seed(3)
-    pool, width_in, width_out = 4, 40, 24
+    pool, width_in, width_out = 5, 40, 24
     a = torch.randn(pool, rank, width_in, generator=generator).to(dtype)
     b = torch.randn(pool, width_out, rank, generator=generator).to(dtype)
     b_t = b.transpose(1, 2).contiguous()
-    x = torch.randn(6, width_in, generator=generator).to(dtype)
-    fused = torch.randn(6, 3 * width_out, generator=generator).to(dtype)
-    slots = torch.tensor([1, -1, 3, 1, 2, -1])
+    ranks = torch.tensor([rank, rank, rank - 2, rank, 0])  # slot 2 uses fewer rows; slot 4 is empty
+    x = torch.randn(7, width_in, generator=generator).to(dtype)
+    fused = torch.randn(7, 3 * width_out, generator=generator).to(dtype)
+    slots = torch.tensor([1, -1, 3, 1, 2, 4, -1])
     expected = fused.clone()
     for token, slot in enumerate(slots.tolist()):
         if slot >= 0:
-            delta = b[slot].float() @ (a[slot].float() @ x[token].float())
+            used = ranks[slot]
+            delta = b[slot, :, :used].float() @ (a[slot, :used].float() @ x[token].float())
             expected[token, width_out:2 * width_out] = (expected[token, width_out:2 * width_out].float()
                                                          + delta).to(dtype)
-    torch.ops.adapter_service.lora_delta_(x, a, b_t, slots, fused[:, width_out:2 * width_out])
+    torch.ops.adapter_service.lora_delta_(x, a, b_t, slots, ranks, fused[:, width_out:2 * width_out])
     torch.testing.assert_close(fused.float(), expected.float(), atol=TOLERANCE[dtype] * 10, rtol=TOLERANCE[dtype])
-    assert torch.equal(fused[1], expected[1]) and torch.equal(fused[:, :width_out], expected[:, :width_out])
+    untouched = [1, 5, 6]
+    assert torch.equal(fused[untouched], expected[untouched])
+    assert torch.equal(fused[:, :width_out], expected[:, :width_out])
     with pytest.raises(RuntimeError, match="outside the pool"):
-        torch.ops.adapter_service.lora_delta_(x, a, b_t, torch.tensor([0, 0, 0, 0, 0, pool]), fused[:, :width_out])
+        torch.ops.adapter_service.lora_delta_(x, a, b_t, torch.tensor([0, 0, 0, 0, 0, 0, pool]), ranks,
+                                              fused[:, :width_out])
+    with pytest.raises(RuntimeError, match="rank outside"):
+        torch.ops.adapter_service.lora_delta_(x, a, b_t, slots, ranks + 1, fused[:, :width_out])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_kernel_gives_a_token_the_same_bits_alone_or_among_its_adapters_tokens(dtype: torch.dtype) -> None:
+    """Tokens of one adapter are computed together (its matrices read once per group); each token's result is
+    bit for bit what it gets alone, for groups of every size and interleaved slots."""
+    generator = torch.Generator().manual_seed(5)
+    pool, rank, width_in, width_out, tokens = 3, 16, 72, 50, 23
+    a = torch.randn(pool, rank, width_in, generator=generator).to(dtype)
+    b_t = torch.randn(pool, rank, width_out, generator=generator).to(dtype)
+    ranks = torch.tensor([16, 8, 16])
+    x = torch.randn(tokens, width_in, generator=generator).to(dtype)
+    base = torch.randn(tokens, width_out, generator=generator).to(dtype)
+    slots = torch.tensor([(token * 7) % pool if token % 5 else 1 for token in range(tokens)])
+    together = base.clone()
+    torch.ops.adapter_service.lora_delta_(x, a, b_t, slots, ranks, together)
+    for token in range(tokens):
+        alone = base[token:token + 1].clone()
+        torch.ops.adapter_service.lora_delta_(x[token:token + 1], a, b_t, slots[token:token + 1], ranks, alone)
+        assert torch.equal(alone[0], together[token]), token
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -26,6 +26,8 @@ from service.model.owned.slot_cache import SlotCache
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The modules behind each matmul of a layer, in the order of their columns in its output.
+_QKV, _O, _GATE_UP, _DOWN = ("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)
 
 
 def unsupported_reason(model: PreTrainedModel) -> str | None:
@@ -47,8 +49,9 @@ def unsupported_reason(model: PreTrainedModel) -> str | None:
 class StepAdapters(Protocol):
     """What the forward asks of the step's adapters, per layer and module (``None``: nothing to do)."""
 
-    def add_lora(self, layer: int, module: str, x: torch.Tensor, out: torch.Tensor) -> None:
-        """Add the rows' LoRA deltas for ``x`` [tokens, in] of this module to its output ``out`` [tokens, out]."""
+    def adapt(self, layer: int, names: tuple[str, ...], x: torch.Tensor, output: torch.Tensor) -> None:
+        """In place on ``output`` [tokens, out], the fused output of these modules for ``x`` [tokens, in]: each
+        module's LoRA delta added to its columns, then its IA3 output scale."""
 
     def scale(self, layer: int, module: str, of_input: bool = False) -> torch.Tensor | None:
         """IA3 per-token scales [tokens, features] of this module's output (or its input)."""
@@ -132,7 +135,7 @@ class LlamaForward:
         for index, layer in enumerate(self.layers):
             qkv = layer.qkv(h)
             if adapters is not None:
-                self._adapt(adapters, index, h, qkv, ("q_proj", "k_proj", "v_proj"))
+                adapters.adapt(index, _QKV, h, qkv)
             ops.rotate(qkv, rotated, self.head_dim, self.cos, self.sin, batch.positions)
             q = qkv[:, :self.q_size].view(tokens, self.heads, self.head_dim)
             k = qkv[:, self.q_size:self.q_size + self.kv_size].view(tokens, self.kv_heads, self.head_dim)
@@ -140,11 +143,11 @@ class LlamaForward:
             attention = attend(index, q, k, v).reshape(tokens, self.q_size)
             o = layer.o(attention)
             if adapters is not None:
-                self._adapt(adapters, index, attention, o, ("o_proj",))
+                adapters.adapt(index, _O, attention, o)
             h = ops.add_norm(x, o, layer.post_norm, self.eps)
             gate_up = layer.gate_up(h)
             if adapters is not None:
-                self._adapt(adapters, index, h, gate_up, ("gate_proj", "up_proj"))
+                adapters.adapt(index, _GATE_UP, h, gate_up)
             act = ops.silu_mul(gate_up)
             if adapters is not None:
                 scale = adapters.scale(index, "down_proj", of_input=True)
@@ -152,20 +155,10 @@ class LlamaForward:
                     act = act * scale
             down = layer.down(act)
             if adapters is not None:
-                self._adapt(adapters, index, act, down, ("down_proj",))
+                adapters.adapt(index, _DOWN, act, down)
             following = self.layers[index + 1].input_norm if index + 1 < len(self.layers) else self.final_norm
             h = ops.add_norm(x, down, following, self.eps)
         return h[wanted]
-
-    def _adapt(self, adapters: StepAdapters, layer: int, x: torch.Tensor, output: torch.Tensor,
-               names: tuple[str, ...]) -> None:
-        """Each module's LoRA delta, then its IA3 output scale, in place on its slice of ``output``."""
-        for name in names:
-            part = output[:, self.slices[name]]
-            adapters.add_lora(layer, name, x, part)
-            scale = adapters.scale(layer, name)
-            if scale is not None:
-                part *= scale
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.ops.logits(hidden, self.lm_head, self.lm_head_bias)

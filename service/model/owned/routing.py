@@ -3,7 +3,8 @@
 The resident pools (gathered LoRA, IA3) stay the single home of adapter tensors; this maps the owned forward's
 (layer, module) to their stacks and gives each step the rows' slots. A prompt chunk (many tokens of one row) uses
 its adapter's matrices directly. With the fused CPU kernels, every token's delta comes from one kernel call per
-module that reads each token's adapter straight from the pool (``lora_delta_``, Punica's BGMV). Without them,
+module that reads the adapters straight from the pool, the tokens of one adapter together and only its own rank's
+rows (``lora_delta_``, after Punica's SGMV): adapter bytes read per step are the cost there. Without them,
 decode rows (one token each) read their LoRA matrices from ``RowLora``: a copy per cache slot, written when a row
 is admitted, so a step takes a view of the rows' span like the KV cache does, where gathering every row's matrices
 again whenever a row joined or left cost more than the LoRA matmuls themselves.
@@ -11,13 +12,13 @@ again whenever a row joined or left cost more than the LoRA matmuls themselves.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from service.model.adapters import LoadedAdapter
-from service.model.gathered import GatheredLora
+from service.model.gathered import GatheredLora, ModuleStack
 from service.model.ia3 import IA3Pool
 from service.model.owned.llama import MODULES, LlamaForward
 from service.model.owned.ops import KernelOps
@@ -42,6 +43,22 @@ class OwnedAdapters:
                         for name in MODULES} for index in range(len(forward.modules))]
         self._input_paths = {paths[name] for paths in self._paths for name in _INPUT_SCALED}
         self._output_paths = {path for paths in self._paths for path in paths.values()}
+        self._stacks: dict[tuple[int, tuple[str, ...]], list[tuple[slice, ModuleStack]]] = {}
+        self._stacks_version: int | None = None
+
+    def lora_stacks(self, layer: int, names: tuple[str, ...]) -> list[tuple[slice, ModuleStack]]:
+        """The pool's stacks for these modules of a layer, with each one's columns of the modules' fused output
+        (worked out once per pool version: a step asks for them 4 times per layer)."""
+        if self._stacks_version != self.gathered.version:
+            self._stacks.clear()
+            self._stacks_version = self.gathered.version
+        stacks = self._stacks.get((layer, names))
+        if stacks is None:
+            modules = self.forward.modules[layer]
+            stacks = [(self.forward.slices[name], stack) for name in names
+                      if (stack := self.gathered.stack(modules[name])) is not None]
+            self._stacks[(layer, names)] = stacks
+        return stacks
 
     def serves(self, adapter: LoadedAdapter | None) -> bool:
         """Whether the owned forward computes this adapter exactly (else its rows take the transformers path)."""
@@ -127,11 +144,14 @@ class StepAdapters:
         self._lora_slots: list[int] = []
         self._decode_lora = False
         self._token_lora: torch.Tensor | None = None  # with the kernel: each token's pool slot (-1: none)
+        self._lora_stacks: Callable[[int, tuple[str, ...]], list[tuple[slice, ModuleStack]]] | None = None
         if lora is not None:
+            self._lora_stacks = owned.lora_stacks
             slots = owned.gathered.slots(lora)
             if owned.kernel_lora:
                 rows = torch.tensor([slot if slot != NO_ADAPTER else -1 for slot in slots], device=device)
                 self._token_lora = torch.repeat_interleave(rows, counts)
+                self._lora_kernel = torch.ops.adapter_service.lora_delta_.default
             else:
                 self._lora_slots = slots
                 self._decode_lora = any(slot != NO_ADAPTER for slot in slots[:decode_rows])
@@ -144,18 +164,24 @@ class StepAdapters:
         if ia3 is not None:
             self._token_ia3 = torch.repeat_interleave(torch.tensor(owned.ia3.slots(ia3), device=device), counts)
 
-    def add_lora(self, layer: int, module: str, x: torch.Tensor, out: torch.Tensor) -> None:
-        if self._token_lora is not None:
-            stack = self._owned.gathered.stack(self._owned.forward.modules[layer][module])
-            if stack is not None:
-                torch.ops.adapter_service.lora_delta_(x, stack.a, stack.b_t, self._token_lora, out)
-            return
-        if not self._lora_slots:
-            return
+    def adapt(self, layer: int, names: tuple[str, ...], x: torch.Tensor, output: torch.Tensor) -> None:
+        if self._lora_stacks is not None:
+            stacks = self._lora_stacks(layer, names)
+            if self._token_lora is not None:
+                for columns, stack in stacks:
+                    self._lora_kernel(x, stack.a, stack.b_t, self._token_lora, stack.ranks, output[:, columns])
+            else:
+                for columns, stack in stacks:
+                    self._add_lora(stack, x, output[:, columns])
+        if self._token_ia3 is not None:
+            for name in names:
+                scale = self.scale(layer, name)
+                if scale is not None:
+                    output[:, self._owned.forward.slices[name]] *= scale
+
+    def _add_lora(self, stack: ModuleStack, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Without the kernel: batched matmuls over the decode rows' copies, one adapter's per prompt chunk."""
         gathered = self._owned.gathered
-        stack = gathered.stack(self._owned.forward.modules[layer][module])
-        if stack is None:
-            return
         decode = self._decode_rows
         if self._decode_lora:
             a_rows, b_rows = self._owned.rows.view(stack, gathered, self._low, self._low + self._span)

@@ -478,61 +478,110 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return out;
 }
 
-// ---- per-token LoRA deltas from the resident pool (Punica's BGMV) ---------------------------------------------
+// ---- per-token LoRA deltas from the resident pool (Punica's SGMV) ---------------------------------------------
 //
 // out[t] += (A[s] x[t]) B^T[s] for s = slots[t] (no delta where s < 0), with A [pool, rank, in] and the scaled,
-// transposed B^T [pool, rank, out] straight from the pool: no per-row copy of any adapter's matrices, tokens of one
-// adapter read the same (cached) rows, and the expansion is rank whole-row multiply-adds. Accumulates in float32
-// and rounds once, into out (a view; its rows may be strided, as a module's slice of a fused output is).
+// transposed B^T [pool, rank, out] straight from the pool: no per-row copy of any adapter's matrices. A step reads
+// every adapter's rows from memory (they do not stay cached between steps, behind the base's weights), so the cost
+// is the bytes read: tokens are grouped by slot and each group of up to kLoraTokens tokens reads its adapter's
+// rows once, and only the slot's own ranks[s] rows (a rank-8 adapter in a pool padded to 16 reads half). Each
+// token's arithmetic is the same whatever its group: float32 accumulation in rank order, rounded once into out (a
+// view; its rows may be strided, as a module's slice of a fused output is).
+
+constexpr int kLoraTokens = 4;
+
+template <typename T, int N>
+void lora_group(const T* const* xs, T* const* outs, const T* a_slot, const T* b_slot, int64_t rank, int64_t in,
+                int64_t width, float* shrunk) {
+  const int64_t in_whole = in - in % kLanes, out_whole = width - width % kLanes;
+  // The adapter's rows come from memory (not cached between steps): asked for all at once, the loads overlap.
+  for (const auto& [start, count] : {std::pair{a_slot, rank * in}, std::pair{b_slot, rank * width}}) {
+    const char* bytes = reinterpret_cast<const char*>(start);
+    const int64_t size = count * static_cast<int64_t>(sizeof(T));
+    for (int64_t offset = 0; offset < size; offset += 64) __builtin_prefetch(bytes + offset, 0, 3);
+  }
+  for (int64_t r = 0; r < rank; ++r) {
+    const T* ar = a_slot + r * in;
+    Vec acc[N];
+    for (int j = 0; j < N; ++j) acc[j] = Vec(0.f);
+    for (int64_t i = 0; i < in_whole; i += kLanes) {
+      const Vec weights = load_floats(ar + i);
+      for (int j = 0; j < N; ++j) acc[j] = at::vec::fmadd(weights, load_floats(xs[j] + i), acc[j]);
+    }
+    for (int j = 0; j < N; ++j) {
+      float total = sum(acc[j]);
+      for (int64_t i = in_whole; i < in; ++i) total += scalar(ar[i]) * scalar(xs[j][i]);
+      shrunk[j * rank + r] = total;
+    }
+  }
+  for (int64_t o = 0; o < out_whole; o += kLanes) {
+    Vec delta[N];
+    for (int j = 0; j < N; ++j) delta[j] = Vec(0.f);
+    for (int64_t r = 0; r < rank; ++r) {
+      const Vec weights = load_floats(b_slot + r * width + o);
+      for (int j = 0; j < N; ++j) delta[j] = at::vec::fmadd(Vec(shrunk[j * rank + r]), weights, delta[j]);
+    }
+    for (int j = 0; j < N; ++j) store_floats(outs[j] + o, load_floats(outs[j] + o) + delta[j]);
+  }
+  for (int64_t o = out_whole; o < width; ++o) {
+    for (int j = 0; j < N; ++j) {
+      float delta = 0.f;
+      for (int64_t r = 0; r < rank; ++r) delta += shrunk[j * rank + r] * scalar(b_slot[r * width + o]);
+      outs[j][o] = static_cast<T>(scalar(outs[j][o]) + delta);
+    }
+  }
+}
 
 template <typename T>
 void lora_delta_impl(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b_t, const at::Tensor& slots,
-                     at::Tensor& out) {
-  const int64_t tokens = x.size(0), in = x.size(1), rank = a.size(1), width = b_t.size(2);
-  const int64_t in_whole = in - in % kLanes, out_whole = width - width % kLanes;
+                     const at::Tensor& ranks, at::Tensor& out) {
+  const int64_t tokens = x.size(0), in = x.size(1), pool_rank = a.size(1), width = b_t.size(2);
   const T* x_ptr = x.data_ptr<T>();
   const T* a_ptr = a.data_ptr<T>();
   const T* b_ptr = b_t.data_ptr<T>();
   T* o_ptr = out.data_ptr<T>();
   const int64_t x_stride = x.stride(0), o_stride = out.stride(0);
   const int64_t* slot_ptr = slots.data_ptr<int64_t>();
-  parallel_for_claimed(0, tokens, 2, [&](int64_t begin, int64_t end) {
-    std::vector<float> shrunk(rank), delta(width);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t slot = slot_ptr[t];
-      if (slot < 0) continue;
-      const T* xt = x_ptr + t * x_stride;
-      const T* a_slot = a_ptr + slot * rank * in;
-      for (int64_t r = 0; r < rank; ++r) {
-        const T* ar = a_slot + r * in;
-        Vec acc(0.f);
-        for (int64_t i = 0; i < in_whole; i += kLanes) acc = at::vec::fmadd(load_floats(ar + i), load_floats(xt + i), acc);
-        float total = sum(acc);
-        for (int64_t i = in_whole; i < in; ++i) total += scalar(ar[i]) * scalar(xt[i]);
-        shrunk[r] = total;
+  const int64_t* rank_ptr = ranks.data_ptr<int64_t>();
+  // Tokens with an adapter, by slot (stable), cut into groups of one slot and at most kLoraTokens tokens.
+  std::vector<int64_t> order;
+  order.reserve(tokens);
+  for (int64_t t = 0; t < tokens; ++t) {
+    if (slot_ptr[t] >= 0 && rank_ptr[slot_ptr[t]] > 0) order.push_back(t);
+  }
+  std::stable_sort(order.begin(), order.end(), [&](int64_t l, int64_t r) { return slot_ptr[l] < slot_ptr[r]; });
+  std::vector<int64_t> starts;
+  for (size_t i = 0; i < order.size(); ++i) {
+    const bool same = i > 0 && slot_ptr[order[i]] == slot_ptr[order[i - 1]] && i - starts.back() < kLoraTokens;
+    if (!same) starts.push_back(static_cast<int64_t>(i));
+  }
+  starts.push_back(static_cast<int64_t>(order.size()));
+  const int64_t groups = static_cast<int64_t>(starts.size()) - 1;
+  parallel_for_claimed(0, groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> shrunk(kLoraTokens * pool_rank);
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t first = starts[g], count = starts[g + 1] - first;
+      const int64_t slot = slot_ptr[order[first]], rank = rank_ptr[slot];
+      const T* xs[kLoraTokens];
+      T* outs[kLoraTokens];
+      for (int64_t j = 0; j < count; ++j) {
+        xs[j] = x_ptr + order[first + j] * x_stride;
+        outs[j] = o_ptr + order[first + j] * o_stride;
       }
-      std::fill(delta.begin(), delta.end(), 0.f);
-      const T* b_slot = b_ptr + slot * rank * width;
-      for (int64_t r = 0; r < rank; ++r) {
-        if (shrunk[r] == 0.f) continue;  // a rank row padded for a larger adapter in the pool
-        const Vec weight(shrunk[r]);
-        const T* br = b_slot + r * width;
-        for (int64_t o = 0; o < out_whole; o += kLanes) {
-          at::vec::fmadd(weight, load_floats(br + o), Vec::loadu(delta.data() + o)).store(delta.data() + o);
-        }
-        for (int64_t o = out_whole; o < width; ++o) delta[o] += shrunk[r] * scalar(br[o]);
+      const T* a_slot = a_ptr + slot * pool_rank * in;
+      const T* b_slot = b_ptr + slot * pool_rank * width;
+      switch (count) {
+        case 1: lora_group<T, 1>(xs, outs, a_slot, b_slot, rank, in, width, shrunk.data()); break;
+        case 2: lora_group<T, 2>(xs, outs, a_slot, b_slot, rank, in, width, shrunk.data()); break;
+        case 3: lora_group<T, 3>(xs, outs, a_slot, b_slot, rank, in, width, shrunk.data()); break;
+        default: lora_group<T, kLoraTokens>(xs, outs, a_slot, b_slot, rank, in, width, shrunk.data()); break;
       }
-      T* ot = o_ptr + t * o_stride;
-      for (int64_t o = 0; o < out_whole; o += kLanes) {
-        store_floats(ot + o, load_floats(ot + o) + Vec::loadu(delta.data() + o));
-      }
-      for (int64_t o = out_whole; o < width; ++o) ot[o] = static_cast<T>(scalar(ot[o]) + delta[o]);
     }
   });
 }
 
 void lora_delta_(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b_t, const at::Tensor& slots,
-                 at::Tensor out) {
+                 const at::Tensor& ranks, at::Tensor out) {
   check_cpu(x, "x");
   check_cpu(out, "out");
   TORCH_CHECK(a.is_contiguous() && b_t.is_contiguous() && a.dim() == 3 && b_t.dim() == 3 &&
@@ -544,8 +593,13 @@ void lora_delta_(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b_t
               out.scalar_type() == a.scalar_type(), "x, a, b_t and out must share a dtype");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == x.size(0),
               "slots: one int64 per token");
+  TORCH_CHECK(ranks.scalar_type() == at::kLong && ranks.is_contiguous() && ranks.numel() == a.size(0),
+              "ranks: one int64 per pool slot");
   check_range(slots, -1, a.size(0), "a slot outside the pool");
-  DISPATCH_MODEL_DTYPES(x.scalar_type(), "lora_delta_", [&] { lora_delta_impl<scalar_t>(x, a, b_t, slots, out); });
+  check_range(ranks, 0, a.size(1) + 1, "a rank outside the pool's");
+  DISPATCH_MODEL_DTYPES(x.scalar_type(), "lora_delta_", [&] {
+    lora_delta_impl<scalar_t>(x, a, b_t, slots, ranks, out);
+  });
 }
 
 // ---- greedy tokens from logits laid out [vocabulary, rows] --------------------------------------------------
@@ -632,7 +686,7 @@ TORCH_LIBRARY(adapter_service, m) {
   m.def("rotary_(Tensor(a!) qkv, int rotated_heads, int dim, Tensor cos, Tensor sin, Tensor positions) -> ()");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("column_max(Tensor logits) -> (Tensor, Tensor)");
-  m.def("lora_delta_(Tensor x, Tensor a, Tensor b_t, Tensor slots, Tensor(a!) out) -> ()");
+  m.def("lora_delta_(Tensor x, Tensor a, Tensor b_t, Tensor slots, Tensor ranks, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(adapter_service, CPU, m) {
