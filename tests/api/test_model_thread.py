@@ -3,6 +3,7 @@ torch on one (a second OpenMP team makes the model's idle workers sleep between 
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import torch
@@ -26,3 +27,16 @@ def test_the_model_thread_has_the_configured_threads(tiny_base: Path, store_copy
             assert client.portal.call(torch.get_num_threads) == 1  # on the event loop's thread
     finally:
         torch.set_num_threads(default_threads())
+
+
+def test_what_start_up_leaves_alive_is_kept_out_of_full_collections_until_shutdown(tiny_base: Path,
+                                                                                   store_copy: Path) -> None:
+    """The base, tokenizer and libraries alive once ready are frozen (a full collection walking them stalls every
+    stream for ~250 ms); an app that stops unfreezes them, so a process that builds apps again frees the old."""
+    assert gc.get_freeze_count() == 0
+    app = create_app(tiny_settings(store_copy, base_model=str(tiny_base)))
+    with TestClient(app) as client:
+        wait_ready(client)
+        assert gc.get_freeze_count() > 10_000
+        assert client.post("/v1/generate", json={"prompt": "hello", "max_new_tokens": 2}).status_code == 200
+    assert gc.get_freeze_count() == 0
