@@ -1,4 +1,8 @@
-"""Admin authentication: a bearer token compared in constant time; no token configured means no admin routes."""
+"""Admin authentication: a bearer token compared in constant time; no token configured means no admin routes.
+
+The dependencies here and in ``state.py`` are ``async def`` though they never wait: FastAPI runs a plain ``def``
+dependency on its thread pool, a thread hop (and GIL hand-off) per dependency per request, which under a burst of
+requests took CPU from the model thread and delayed the burst's admission."""
 
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ def _matches(presented: bytes | None, secrets: list) -> bool:
     return found and presented is not None
 
 
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:
     """Inference and listing routes: open unless SERVICE_API_KEYS is set; the admin token works too."""
     settings = app_state(request).settings
     if not settings.api_keys:
@@ -33,7 +37,7 @@ def require_api_key(request: Request) -> None:
                             headers={"WWW-Authenticate": "Bearer"})
 
 
-def require_admin(request: Request) -> None:
+async def require_admin(request: Request) -> None:
     token = app_state(request).settings.admin_token
     if token is None:
         raise HTTPException(403, "admin routes are disabled: start the service with SERVICE_ADMIN_TOKEN set")

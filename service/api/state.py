@@ -36,12 +36,16 @@ def app_state(request: Request) -> AppState:
     return request.app.state.service
 
 
-def ready_service(request: Request) -> InferenceService:
+async def ready_service(request: Request) -> InferenceService:
     state = app_state(request)
     if not state.ready:
         raise NotReady(f"the service is {state.phase}; retry when GET /ready answers 200")
     return state.inference
 
 
-State = Annotated[AppState, Depends(app_state)]
+async def _app_state(request: Request) -> AppState:
+    return app_state(request)  # async: see auth.py
+
+
+State = Annotated[AppState, Depends(_app_state)]
 Inference = Annotated[InferenceService, Depends(ready_service)]
