@@ -88,7 +88,7 @@ AMX_TARGET void release_tiles() { _tile_release(); }
 
 // One block: sums[32][32] = input rows [32, K] x a 32-column block of the packed weight.
 AMX_TARGET void block_sums(const at::BFloat16* input, int64_t input_stride, const at::BFloat16* weight,
-                           int64_t k_steps, bool two_input_tiles, float* sums) {
+                           int64_t k_steps, bool two_input_tiles, float* sums, bool stream) {
   const int64_t stride_bytes = input_stride * static_cast<int64_t>(sizeof(at::BFloat16));
   _tile_zero(0);
   _tile_zero(1);
@@ -99,7 +99,9 @@ AMX_TARGET void block_sums(const at::BFloat16* input, int64_t input_stride, cons
   for (int64_t k = 0; k < k_steps; ++k) {
     const at::BFloat16* step = weight + k * 2 * kTileElements;
     const char* ahead = reinterpret_cast<const char*>(step + kPrefetchAhead * 2 * kTileElements);
-    for (int line = 0; line < 2 * kTileElements * 2 / 64; ++line) _mm_prefetch(ahead + line * 64, _MM_HINT_T0);
+    if (stream) {  // the first pass over the rows streams the weights in; later passes find them cached
+      for (int line = 0; line < 2 * kTileElements * 2 / 64; ++line) _mm_prefetch(ahead + line * 64, _MM_HINT_T0);
+    }
     _tile_loadd(4, step, 64);
     _tile_loadd(5, step + kTileElements, 64);
     _tile_loadd(6, input + k * kBlockK, stride_bytes);
@@ -217,7 +219,7 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out
             configured_rows = rows;
           }
           block_sums(input_data + row * input_stride, input_stride, weight + block * block_weight, k_steps,
-                     rows > kTileRows, sums);
+                     rows > kTileRows, sums, row == 0);
           store_block(sums, bias_data ? bias_data + column : nullptr, rows, columns, out_data + row * n + column, n);
         }
       },
