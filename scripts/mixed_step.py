@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import make_adapters  # noqa: E402
 
+from service.api.app import cache_limits  # noqa: E402
 from service.domain import GenerationParams  # noqa: E402
 from service.model.adapters import LoadedAdapter  # noqa: E402
 from service.model.generation import Engines  # noqa: E402
@@ -29,8 +30,9 @@ from service.store.store import AdapterStore  # noqa: E402
 
 
 def step_ms(runner: ModelRunner, jobs: list[GenerationJob], adapters: list[LoadedAdapter] | None,
-            steps: int) -> float:
-    """Mean time of a decode step once every row's prompt is in (rows round-robin over the adapters)."""
+            steps: int) -> tuple[float, int]:
+    """Mean time of a decode step once every row's prompt is in (rows round-robin over the adapters), and the rows
+    still running at the end (a row that ends early leaves a smaller batch)."""
     engines = Engines(runner)
     with torch.inference_mode():
         engines.step([(index, adapters[index % len(adapters)] if adapters else None, job)
@@ -43,8 +45,9 @@ def step_ms(runner: ModelRunner, jobs: list[GenerationJob], adapters: list[Loade
         for _ in range(steps):
             engines.step()
         elapsed = (time.perf_counter() - start) / steps * 1000
+        running = engines.owned.active
         engines.owned.abort()
-    return elapsed
+    return elapsed, running
 
 
 def main() -> None:
@@ -56,7 +59,10 @@ def main() -> None:
     settings = Settings()
     store_dir = Path(tempfile.mkdtemp(prefix="mixed-step-"))
     names = make_adapters(embedded_model_folder(settings.cache_dir), store_dir, 32, 8, classification=False)
-    runner = ModelRunner(load_base_model(settings))
+    limits = cache_limits(settings)
+    if args.rows > limits.slots:
+        parser.error(f"--rows {args.rows}: the cache has {limits.slots} slots (SERVICE_MAX_BATCH_SIZE)")
+    runner = ModelRunner(load_base_model(settings), limits=limits)
     store = AdapterStore(store_dir)
     adapters = [runner.load(store.get(name)) for name in names["generation"]]
     # Continuations rather than chat turns, so rows run on instead of ending at an early end of sequence.
@@ -65,9 +71,11 @@ def main() -> None:
     jobs = [GenerationJob(p, runner.encode_prompt(p, 2048)) for p in params]
     base, mixed = [], []
     for _ in range(args.reps):
-        base.append(step_ms(runner, jobs, None, args.steps))
-        mixed.append(step_ms(runner, jobs, adapters, args.steps))
-        print(f"base {base[-1]:.1f} ms, mixed {mixed[-1]:.1f} ms", flush=True)
+        base_ms, base_rows = step_ms(runner, jobs, None, args.steps)
+        mixed_ms, mixed_rows = step_ms(runner, jobs, adapters, args.steps)
+        base.append(base_ms)
+        mixed.append(mixed_ms)
+        print(f"base {base_ms:.1f} ms ({base_rows} rows), mixed {mixed_ms:.1f} ms ({mixed_rows} rows)", flush=True)
     print(f"{args.rows} rows: base {statistics.median(base):.1f} ms, mixed {statistics.median(mixed):.1f} ms a step; "
           f"mixed / base throughput {statistics.median(base) / statistics.median(mixed):.2f}")
 

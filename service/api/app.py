@@ -50,8 +50,8 @@ async def _boot(state: AppState) -> None:
         state.shapes = BaseShapes(base)
         record_memory(state.metrics, runner)
         service = InferenceService(settings, store, runner, state.executor, state.metrics)
+        _freeze_heap()  # before start() preloads adapters: a deleted adapter's objects must stay collectable
         await service.start()
-        _freeze_heap()
         state.store, state.inference = store, service
         state.phase, state.message = "ready", f"base model {base.path} on {base.device} ({base.dtype})"
         state.metrics.ready.set(1)

@@ -132,7 +132,7 @@ def test_kernels_refuse_what_would_read_outside_the_cache() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rank", [8, 16, 5])
+@pytest.mark.parametrize("rank", [8, 16, 5, 72])  # 72: past the kernel's on-stack buffer
 def test_lora_kernel_adds_each_tokens_own_adapter_delta(dtype: torch.dtype, rank: int) -> None:
     """Per token, out += B[slot] A[slot] x from the pool's stacks (B kept transposed), over the slot's own rank
     only; tokens without an adapter (-1) or of a slot of rank 0 are untouched, and a strided view (one module's

@@ -207,6 +207,9 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out
   const float* bias_data = bias.has_value() ? bias_float.data_ptr<float>() : nullptr;
   at::BFloat16* out_data = out.data_ptr<at::BFloat16>();
   const int64_t block_weight = kBlockN * k_steps * kBlockK;
+  // Passes after the first over a block's rows find its weights in L2 when they fit beside the input rows (all of
+  // SmolLM2's and Llama 8B's but the widest); else every pass streams them in with software prefetch.
+  const bool block_stays_cached = block_weight * static_cast<int64_t>(sizeof(at::BFloat16)) <= 256 * 1024;
   adapter_service::parallel_for_stealing(
       n_blocks,
       [&](int64_t block) {
@@ -219,7 +222,7 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out
             configured_rows = rows;
           }
           block_sums(input_data + row * input_stride, input_stride, weight + block * block_weight, k_steps,
-                     rows > kTileRows, sums, row == 0);
+                     rows > kTileRows, sums, row == 0 || !block_stays_cached);
           store_block(sums, bias_data ? bias_data + column : nullptr, rows, columns, out_data + row * n + column, n);
         }
       },

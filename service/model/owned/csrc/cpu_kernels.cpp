@@ -492,13 +492,16 @@ constexpr int kLoraTokens = 4;
 
 template <typename T, int N>
 void lora_group(const T* const* xs, T* const* outs, const T* a_slot, const T* b_slot, int64_t rank, int64_t in,
-                int64_t width, float* shrunk) {
+                int64_t width, float* shrunk, bool first_of_slot) {
   const int64_t in_whole = in - in % kLanes, out_whole = width - width % kLanes;
   // The adapter's rows come from memory (not cached between steps): asked for all at once, the loads overlap.
-  for (const auto& [start, count] : {std::pair{a_slot, rank * in}, std::pair{b_slot, rank * width}}) {
-    const char* bytes = reinterpret_cast<const char*>(start);
-    const int64_t size = count * static_cast<int64_t>(sizeof(T));
-    for (int64_t offset = 0; offset < size; offset += 64) __builtin_prefetch(bytes + offset, 0, 3);
+  // Later groups of the same slot (a prompt chunk's tokens) find them cached.
+  if (first_of_slot) {
+    for (const auto& [start, count] : {std::pair{a_slot, rank * in}, std::pair{b_slot, rank * width}}) {
+      const char* bytes = reinterpret_cast<const char*>(start);
+      const int64_t size = count * static_cast<int64_t>(sizeof(T));
+      for (int64_t offset = 0; offset < size; offset += 64) __builtin_prefetch(bytes + offset, 0, 2);
+    }
   }
   for (int64_t r = 0; r < rank; ++r) {
     const T* ar = a_slot + r * in;
@@ -558,10 +561,14 @@ void lora_delta_impl(const at::Tensor& x, const at::Tensor& a, const at::Tensor&
   starts.push_back(static_cast<int64_t>(order.size()));
   const int64_t groups = static_cast<int64_t>(starts.size()) - 1;
   parallel_for_claimed(0, groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> shrunk(kLoraTokens * pool_rank);
+    constexpr int64_t kStackRank = 64;  // ranks up to this use a buffer on the stack (no allocation per group)
+    float stack_buffer[kLoraTokens * kStackRank];
+    std::vector<float> heap_buffer(pool_rank > kStackRank ? kLoraTokens * pool_rank : 0);
+    float* shrunk = pool_rank > kStackRank ? heap_buffer.data() : stack_buffer;
     for (int64_t g = begin; g < end; ++g) {
       const int64_t first = starts[g], count = starts[g + 1] - first;
       const int64_t slot = slot_ptr[order[first]], rank = rank_ptr[slot];
+      const bool first_of_slot = first == 0 || slot_ptr[order[first - 1]] != slot;
       const T* xs[kLoraTokens];
       T* outs[kLoraTokens];
       for (int64_t j = 0; j < count; ++j) {
@@ -571,10 +578,10 @@ void lora_delta_impl(const at::Tensor& x, const at::Tensor& a, const at::Tensor&
       const T* a_slot = a_ptr + slot * pool_rank * in;
       const T* b_slot = b_ptr + slot * pool_rank * width;
       switch (count) {
-        case 1: lora_group<T, 1>(xs, outs, a_slot, b_slot, rank, in, width, shrunk.data()); break;
-        case 2: lora_group<T, 2>(xs, outs, a_slot, b_slot, rank, in, width, shrunk.data()); break;
-        case 3: lora_group<T, 3>(xs, outs, a_slot, b_slot, rank, in, width, shrunk.data()); break;
-        default: lora_group<T, kLoraTokens>(xs, outs, a_slot, b_slot, rank, in, width, shrunk.data()); break;
+        case 1: lora_group<T, 1>(xs, outs, a_slot, b_slot, rank, in, width, shrunk, first_of_slot); break;
+        case 2: lora_group<T, 2>(xs, outs, a_slot, b_slot, rank, in, width, shrunk, first_of_slot); break;
+        case 3: lora_group<T, 3>(xs, outs, a_slot, b_slot, rank, in, width, shrunk, first_of_slot); break;
+        default: lora_group<T, kLoraTokens>(xs, outs, a_slot, b_slot, rank, in, width, shrunk, first_of_slot); break;
       }
     }
   });
