@@ -62,9 +62,10 @@ async def _boot(state: AppState) -> None:
 
 
 def _freeze_heap() -> None:
-    """Move everything alive after start-up (the base, its tokenizer, torch's and transformers' modules: ~400,000
-    objects) out of the cyclic collector's reach. Otherwise each full collection walks them all, about 250 ms with
-    the GIL held, and one lands every several seconds under load: a stall of every stream and a TTFT outlier."""
+    """Move everything alive once the base is loaded (the base, its tokenizer, torch's and transformers' modules:
+    ~400,000 objects) out of the cyclic collector's reach. Otherwise each full collection walks them all, about
+    250 ms with the GIL held, and one lands every several seconds under load: a stall of every stream and a TTFT
+    outlier."""
     gc.collect()
     gc.freeze()
 
