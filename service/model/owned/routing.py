@@ -12,7 +12,7 @@ again whenever a row joined or left cost more than the LoRA matmuls themselves.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -144,14 +144,12 @@ class StepAdapters:
         self._lora_slots: list[int] = []
         self._decode_lora = False
         self._token_lora: torch.Tensor | None = None  # with the kernel: each token's pool slot (-1: none)
-        self._lora_stacks: Callable[[int, tuple[str, ...]], list[tuple[slice, ModuleStack]]] | None = None
+        self._any_lora = lora is not None
         if lora is not None:
-            self._lora_stacks = owned.lora_stacks
             slots = owned.gathered.slots(lora)
             if owned.kernel_lora:
                 rows = torch.tensor([slot if slot != NO_ADAPTER else -1 for slot in slots], device=device)
                 self._token_lora = torch.repeat_interleave(rows, counts)
-                self._lora_kernel = torch.ops.adapter_service.lora_delta_.default
             else:
                 self._lora_slots = slots
                 self._decode_lora = any(slot != NO_ADAPTER for slot in slots[:decode_rows])
@@ -165,11 +163,12 @@ class StepAdapters:
             self._token_ia3 = torch.repeat_interleave(torch.tensor(owned.ia3.slots(ia3), device=device), counts)
 
     def adapt(self, layer: int, names: tuple[str, ...], x: torch.Tensor, output: torch.Tensor) -> None:
-        if self._lora_stacks is not None:
-            stacks = self._lora_stacks(layer, names)
+        if self._any_lora:
+            stacks = self._owned.lora_stacks(layer, names)
             if self._token_lora is not None:
                 for columns, stack in stacks:
-                    self._lora_kernel(x, stack.a, stack.b_t, self._token_lora, stack.ranks, output[:, columns])
+                    torch.ops.adapter_service.lora_delta_(x, stack.a, stack.b_t, self._token_lora, stack.ranks,
+                                                          output[:, columns])
             else:
                 for columns, stack in stacks:
                     self._add_lora(stack, x, output[:, columns])
