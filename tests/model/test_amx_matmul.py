@@ -7,13 +7,15 @@ import pytest
 import torch
 
 from service.model.owned.kernels import amx_matmul_available, cpu_kernels_available
-from service.model.owned.matmul import Matmul, Packing, choose_packing
+from service.model.owned.matmul import Matmul, Packing, amx_head_applies, choose_packing, head_logits
 
 pytestmark = pytest.mark.skipif(not amx_matmul_available(), reason="this CPU has no AMX with bf16")
 
 # Rows, out features, in features: whole blocks, tails of every kind, one row, a depth that is not a multiple of 32.
 SHAPES = [(64, 960, 576), (1, 17, 33), (7, 576, 576), (16, 64, 64), (17, 64, 64), (31, 40, 64), (33, 3072, 576),
-          (48, 49, 96), (160, 576, 1536), (5, 100, 70)]
+          (48, 49, 96), (160, 576, 1536), (5, 100, 70),
+          # many rows, few columns (a head as head x hidden^T): the threads split the rows
+          (1100, 1, 64), (2048, 64, 96), (1031, 100, 576), (1024, 128, 40)]
 
 
 def _reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -99,3 +101,17 @@ def test_the_matmul_keeps_leading_dimensions() -> None:
     got = Matmul(weight, bias, Packing.AMX)(x)
     assert got.shape == (2, 3, 48)
     _assert_within_rounding(got.reshape(6, 48), _reference(x.reshape(6, 64), weight, bias))
+
+
+def test_the_head_reads_its_dense_weight_as_the_left_operand() -> None:
+    generator = torch.Generator().manual_seed(7)
+    head = torch.randn(3000, 64, generator=generator).to(torch.bfloat16)
+    assert amx_head_applies(head, None, Packing.AMX)
+    assert not amx_head_applies(head, torch.zeros(3000), Packing.AMX)  # a head with a bias keeps torch's matmul
+    assert not amx_head_applies(head[:, :40], None, Packing.AMX)  # K not whole 32-value steps (nor contiguous)
+    assert not amx_head_applies(head, None, Packing.ONEDNN)
+    for rows in (1, 16, 33, 64, 129):  # 129: past the rows the kernel splits this way, torch does it
+        hidden = torch.randn(rows, 64, generator=generator).to(torch.bfloat16)
+        logits = head_logits(hidden, head)
+        assert logits.shape == (rows, 3000)
+        _assert_within_rounding(logits, _reference(hidden, head, None))

@@ -19,7 +19,7 @@ import torch
 from transformers import PreTrainedModel
 
 from service.model.owned.batch import StepBatch
-from service.model.owned.matmul import Matmul, Packing, fuse
+from service.model.owned.matmul import Matmul, Packing, amx_head_applies, fuse, head_logits
 from service.model.owned.ops import StepOps, step_ops
 from service.model.owned.slot_cache import SlotCache
 
@@ -82,6 +82,7 @@ class LlamaForward:
         head = model.get_output_embeddings()
         self.lm_head = head.weight
         self.lm_head_bias = getattr(head, "bias", None)
+        self.amx_head = amx_head_applies(self.lm_head, self.lm_head_bias, packing)
         self.q_size = self.heads * self.head_dim
         self.kv_size = self.kv_heads * self.head_dim
         self.intermediate: int = config.intermediate_size
@@ -161,4 +162,6 @@ class LlamaForward:
         return h[wanted]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.amx_head:
+            return head_logits(hidden, self.lm_head)
         return self.ops.logits(hidden, self.lm_head, self.lm_head_bias)

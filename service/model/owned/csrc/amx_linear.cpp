@@ -36,6 +36,8 @@ constexpr int64_t kTileRows = 16;  // rows of a tile
 constexpr int64_t kBlockK = 32;    // bf16 values along K in a tile row (64 bytes)
 constexpr int64_t kBlockN = 32;    // output columns of a block: two weight tiles
 constexpr int64_t kBlockM = 32;    // input rows of a block: two input tiles
+constexpr int64_t kRowSplitBlocks = 4;  // output column blocks up to which a call with many rows splits its rows
+constexpr int64_t kRowSplitRows = 1024;  // rows from which it does
 constexpr int64_t kTileElements = kTileRows * kBlockK;  // a tile's bf16 values (1 KiB)
 constexpr int64_t kPrefetchAhead = 4;  // K steps (2 KiB of weights each) the weight stream is prefetched ahead
 
@@ -81,14 +83,20 @@ AMX_TARGET void configure_tiles(int64_t rows) {
   config.bytes_per_row[6] = 64;
   config.rows[7] = second;
   config.bytes_per_row[7] = second ? 64 : 0;
+  // GCC 12 does not see ldtilecfg read the whole configuration: where this function is not inlined, it drops
+  // the stores above as dead and the tiles are left unconfigured (SIGILL on first use). Make them visible.
+  asm volatile("" : : "r"(&config) : "memory");
   _tile_loadconfig(&config);
 }
 
 AMX_TARGET void release_tiles() { _tile_release(); }
 
 // One block: sums[32][32] = input rows [32, K] x a 32-column block of the packed weight.
+// `prefetch` (if not null): memory this call streams in ahead of its use, `prefetch_lines` cache lines of it per K
+// step, from the start (the weights a few steps ahead, or the next rows of a row-split call).
 AMX_TARGET void block_sums(const at::BFloat16* input, int64_t input_stride, const at::BFloat16* weight,
-                           int64_t k_steps, bool two_input_tiles, float* sums, bool stream) {
+                           int64_t k_steps, bool two_input_tiles, float* sums, const char* prefetch,
+                           int64_t prefetch_lines) {
   const int64_t stride_bytes = input_stride * static_cast<int64_t>(sizeof(at::BFloat16));
   _tile_zero(0);
   _tile_zero(1);
@@ -98,9 +106,9 @@ AMX_TARGET void block_sums(const at::BFloat16* input, int64_t input_stride, cons
   }
   for (int64_t k = 0; k < k_steps; ++k) {
     const at::BFloat16* step = weight + k * 2 * kTileElements;
-    const char* ahead = reinterpret_cast<const char*>(step + kPrefetchAhead * 2 * kTileElements);
-    if (stream) {  // the first pass over the rows streams the weights in; later passes find them cached
-      for (int line = 0; line < 2 * kTileElements * 2 / 64; ++line) _mm_prefetch(ahead + line * 64, _MM_HINT_T0);
+    if (prefetch) {
+      const char* ahead = prefetch + k * prefetch_lines * 64;
+      for (int64_t line = 0; line < prefetch_lines; ++line) _mm_prefetch(ahead + line * 64, _MM_HINT_T0);
     }
     _tile_loadd(4, step, 64);
     _tile_loadd(5, step + kTileElements, 64);
@@ -210,6 +218,42 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out
   // Passes after the first over a block's rows find its weights in L2 when they fit beside the input rows (all of
   // SmolLM2's and Llama 8B's but the widest); else every pass streams them in with software prefetch.
   const bool block_stays_cached = block_weight * static_cast<int64_t>(sizeof(at::BFloat16)) <= 256 * 1024;
+  if (n_blocks <= kRowSplitBlocks && m >= kRowSplitRows) {
+    // Few output columns and many rows (a head computed as head x hidden^T, whose rows are the vocabulary): the
+    // threads split the rows, so each input row, which is what streams from memory here, is read by one thread
+    // once. A pass prefetches the next pass's rows, spread over its K steps: the tiles read 32 rows at a time,
+    // too many streams for the hardware prefetcher to follow.
+    const int64_t passes = (m + kBlockM - 1) / kBlockM;
+    const int64_t pass_bytes = kBlockM * input_stride * static_cast<int64_t>(sizeof(at::BFloat16));
+    const int64_t lines_per_step = (pass_bytes / 64 + k_steps - 1) / k_steps;
+    adapter_service::parallel_for_stealing(
+        passes,
+        [&](int64_t pass) {
+          alignas(64) float sums[kBlockM * kBlockN];
+          const int64_t row = pass * kBlockM, rows = std::min(kBlockM, m - row);
+          if (rows != configured_rows) {
+            configure_tiles(rows);
+            configured_rows = rows;
+          }
+          const at::BFloat16* rows_start = input_data + row * input_stride;
+          const bool prefetch_next = pass + 1 < passes;
+          for (int64_t block = 0; block < n_blocks; ++block) {
+            const int64_t column = block * kBlockN, columns = std::min(kBlockN, n - column);
+            block_sums(rows_start, input_stride, weight + block * block_weight, k_steps, rows > kTileRows, sums,
+                       block == 0 && prefetch_next
+                           ? reinterpret_cast<const char*>(rows_start + kBlockM * input_stride) : nullptr,
+                       lines_per_step);
+            store_block(sums, bias_data ? bias_data + column : nullptr, rows, columns, out_data + row * n + column,
+                        n);
+          }
+        },
+        [] { configured_rows = 0; },
+        [] {
+          if (configured_rows != 0) release_tiles();
+          configured_rows = 0;
+        });
+    return out;
+  }
   adapter_service::parallel_for_stealing(
       n_blocks,
       [&](int64_t block) {
@@ -221,8 +265,12 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out
             configure_tiles(rows);
             configured_rows = rows;
           }
-          block_sums(input_data + row * input_stride, input_stride, weight + block * block_weight, k_steps,
-                     rows > kTileRows, sums, row == 0 || !block_stays_cached);
+          // The first pass over the rows streams the weights in; later passes find them cached.
+          const bool stream = row == 0 || !block_stays_cached;
+          const at::BFloat16* block_start = weight + block * block_weight;
+          block_sums(input_data + row * input_stride, input_stride, block_start, k_steps, rows > kTileRows, sums,
+                     stream ? reinterpret_cast<const char*>(block_start + kPrefetchAhead * 2 * kTileElements) : nullptr,
+                     stream ? 2 * kTileElements * 2 / 64 : 0);
           store_block(sums, bias_data ? bias_data + column : nullptr, rows, columns, out_data + row * n + column, n);
         }
       },
