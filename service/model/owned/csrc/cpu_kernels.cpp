@@ -18,6 +18,7 @@
 #include <functional>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
@@ -31,6 +32,7 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = Vec::size();
 constexpr int64_t kMaxGroup = 16;  // query heads per kv head the attention kernel takes
+constexpr int64_t kNextTaskRows = 32;  // key/value rows of the next (token, kv head) an attention task prefetches
 
 using adapter_service::parallel_for;
 using adapter_service::parallel_for_claimed;
@@ -199,29 +201,52 @@ void slot_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Ten
     return ((slot * kv_heads + head) * slot_tokens + position) * dim;
   };
 
-  parallel_for(0, tokens * kv_heads, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t t = i / kv_heads, head = i % kv_heads;
-      const int64_t at_entry = entry(slot_ptr[t], head, pos_ptr[t]);
-      std::memcpy(keys_ptr + at_entry, k_ptr + t * k_token + head * k_head, dim * sizeof(T));
-      std::memcpy(values_ptr + at_entry, v_ptr + t * v_token + head * v_head, dim * sizeof(T));
-    }
-  });
+  auto write = [&](int64_t i) {  // task i's key and value (token i / kv_heads, head i % kv_heads) into the cache
+    const int64_t t = i / kv_heads, head = i % kv_heads;
+    const int64_t at_entry = entry(slot_ptr[t], head, pos_ptr[t]);
+    std::memcpy(keys_ptr + at_entry, k_ptr + t * k_token + head * k_head, dim * sizeof(T));
+    std::memcpy(values_ptr + at_entry, v_ptr + t * v_token + head * v_head, dim * sizeof(T));
+  };
+  // Tokens in distinct slots (decode rows) read no other token's entries, so each task writes its own just before
+  // it attends, in the same parallel region. Tokens sharing a slot (a prompt chunk) see each other's: all are
+  // written first, in a region of their own.
+  std::vector<char> seen(keys.size(0), 0);
+  bool distinct = true;
+  for (int64_t t = 0; t < tokens && distinct; ++t) distinct = !std::exchange(seen[slot_ptr[t]], 1);
+  if (!distinct) {
+    parallel_for(0, tokens * kv_heads, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) write(i);
+    });
+  }
 
   const float softmax_scale = static_cast<float>(scale);
   auto attend = [&](auto chunk_count) {
     constexpr int64_t C = decltype(chunk_count)::value;
     parallel_for_claimed(0, tokens * kv_heads, 4, [&](int64_t begin, int64_t end) {
       // Per task (token, kv head): the group's queries and outputs stay in registers across the key loop.
-      Vec query[kMaxGroup][C], acc[kMaxGroup][C], row[C];
+      Vec query[kMaxGroup][C], row[C];
       std::vector<float> scores;
       float totals[kMaxGroup];
       for (int64_t i = begin; i < end; ++i) {
+        if (distinct) write(i);
         const int64_t t = i / kv_heads, head = i % kv_heads;
         const int64_t length = pos_ptr[t] + 1;
         scores.resize(group * length);
         const T* key_rows = keys_ptr + entry(slot_ptr[t], head, 0);
         const T* value_rows = values_ptr + entry(slot_ptr[t], head, 0);
+        if (i + 1 < end) {
+          // The next task's first keys and values, toward L2 while this one computes: each task's own prefetch
+          // runs only a few rows ahead, so its first rows would otherwise each wait on memory.
+          const int64_t next_t = (i + 1) / kv_heads, next_head = (i + 1) % kv_heads;
+          const char* next_keys = reinterpret_cast<const char*>(keys_ptr + entry(slot_ptr[next_t], next_head, 0));
+          const char* next_values =
+              reinterpret_cast<const char*>(values_ptr + entry(slot_ptr[next_t], next_head, 0));
+          const int64_t bytes = std::min<int64_t>(pos_ptr[next_t] + 1, kNextTaskRows) * dim * sizeof(T);
+          for (int64_t line = 0; line < bytes; line += 64) {
+            __builtin_prefetch(next_keys + line, 0, 2);
+            __builtin_prefetch(next_values + line, 0, 2);
+          }
+        }
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
         if constexpr (std::is_same_v<T, at::BFloat16> && C % 2 == 0) {
           bf16_scores<C / 2>(q_ptr + t * q_token + head * group * q_head, q_head, group, key_rows, value_rows,
@@ -252,8 +277,12 @@ void slot_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Ten
         const int64_t whole = length - length % kLanes;
         for (int64_t g = 0; g < group; ++g) {
           float* sg = scores.data() + g * length;
-          float top = -std::numeric_limits<float>::infinity();
-          for (int64_t j = 0; j < length; ++j) top = std::max(top, sg[j]);
+          // Vector maxima, then one reduction: a scalar max over the scores was a chain of dependent maxss,
+          // each waiting on the score just stored, about a sixth of the kernel's time at 50 keys.
+          Vec tops(-std::numeric_limits<float>::infinity());
+          for (int64_t j = 0; j < whole; j += kLanes) tops = at::vec::maximum(tops, Vec::loadu(sg + j));
+          float top = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, tops);
+          for (int64_t j = whole; j < length; ++j) top = std::max(top, sg[j]);
           const Vec shift(top);
           Vec total(0.f);
           for (int64_t j = 0; j < whole; j += kLanes) {
@@ -267,19 +296,29 @@ void slot_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Ten
             tail += sg[j];
           }
           totals[g] = sum(total) + tail;
-          for (int64_t c = 0; c < C; ++c) acc[g][c] = Vec(0.f);
         }
-        for (int64_t j = 0; j < length; ++j) {
-          for (int64_t c = 0; c < C; ++c) row[c] = load_floats(value_rows + j * dim + c * kLanes);
-          for (int64_t g = 0; g < group; ++g) {
-            const Vec p(scores[g * length + j]);
-            for (int64_t c = 0; c < C; ++c) acc[g][c] = at::vec::fmadd(p, row[c], acc[g][c]);
-          }
-        }
+        // One query head at a time, its sums in registers (all heads' at once spilled them to the stack, a load
+        // and a store per multiply-add), two keys a step on separate sums to hide the multiply-add latency. The
+        // value rows, read once per head, stay in L1 across the heads.
         for (int64_t g = 0; g < group; ++g) {
+          const float* pg = scores.data() + g * length;
+          Vec even[C], odd[C];
+          for (int64_t c = 0; c < C; ++c) even[c] = odd[c] = Vec(0.f);
+          int64_t j = 0;
+          for (; j + 1 < length; j += 2) {
+            const Vec p0(pg[j]), p1(pg[j + 1]);
+            for (int64_t c = 0; c < C; ++c) {
+              even[c] = at::vec::fmadd(p0, load_floats(value_rows + j * dim + c * kLanes), even[c]);
+              odd[c] = at::vec::fmadd(p1, load_floats(value_rows + (j + 1) * dim + c * kLanes), odd[c]);
+            }
+          }
+          if (j < length) {
+            const Vec p0(pg[j]);
+            for (int64_t c = 0; c < C; ++c) even[c] = at::vec::fmadd(p0, load_floats(value_rows + j * dim + c * kLanes), even[c]);
+          }
           T* dst = out_ptr + t * o_token + (head * group + g) * o_head;
           const Vec inverse(1.f / totals[g]);
-          for (int64_t c = 0; c < C; ++c) store_floats(dst + c * kLanes, acc[g][c] * inverse);
+          for (int64_t c = 0; c < C; ++c) store_floats(dst + c * kLanes, (even[c] + odd[c]) * inverse);
         }
       }
     });
