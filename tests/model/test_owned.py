@@ -12,7 +12,7 @@ import torch
 
 from service.domain import GenerationParams
 from service.errors import InvalidRequest
-from service.model.events import DoneEvent, FailedEvent
+from service.model.events import DoneEvent, FailedEvent, TokenEvent
 from service.model.generation import Engines, generate
 from service.model.loading import load_base_model
 from service.model.owned.engine import OwnedEngine
@@ -217,3 +217,43 @@ def test_non_finite_logits_fail_the_step(runner: ModelRunner) -> None:
             logits[1, 3] = bad
             with pytest.raises(FloatingPointError):
                 runner.sample(logits, [(GenerationParams(prompt="x"), None)] * 2)
+
+
+def test_a_long_prompt_is_spread_over_steps_beside_streaming_rows(runner: ModelRunner) -> None:
+    """Steady state: a row joining streaming ones brings at most three prompt tokens per streaming row (16 at least)
+    into a step, so the streaming rows' steps stay short, and they decode a token every step meanwhile."""
+    assert runner.owned is not None
+    engine = OwnedEngine(runner, runner.owned)
+    engine.step([(index, None, _job(runner, f"streaming row {index}", 200)) for index in range(4)])
+    while any(row.prefilling for row in engine._rows):
+        engine.step()
+    long_prompt = _job(runner, " ".join(["word"] * 200), 2)
+    assert len(long_prompt.prompt_ids) >= 160
+    streaming = {row.handle: row for row in engine._rows}
+    before = {handle: len(row.generated) for handle, row in streaming.items()}
+    engine.step([(9, None, long_prompt)])
+    steps = 1
+    while any(row.handle == 9 and row.prefilling for row in engine._rows):
+        engine.step()
+        steps += 1
+        assert steps < 100
+    assert steps >= len(long_prompt.prompt_ids) // 16 - 1  # 16 prompt tokens a step beside 4 streaming rows
+    running = [row for row in streaming.values() if row in engine._rows]
+    assert running and all(len(row.generated) - before[row.handle] == steps for row in running)  # none stalled
+    engine.abort()
+
+
+def test_a_burst_of_short_prompts_joins_few_streaming_rows_in_one_step(runner: ModelRunner) -> None:
+    """Joining rows outnumbering the streaming ones twice over, with prompts that fit one step, start together:
+    the first to arrive do not hold the rest of their wave to a trickle."""
+    assert runner.owned is not None
+    engine = OwnedEngine(runner, runner.owned)
+    engine.step([(0, None, _job(runner, "a streaming row", 200))])
+    while any(row.prefilling for row in engine._rows):
+        engine.step()
+    burst = {index: _job(runner, " ".join(["short prompt"] * 8), 4) for index in range(1, 9)}
+    assert sum(len(job.prompt_ids) for job in burst.values()) > 96  # past the cap a steady state would have
+    events = engine.step([(index, None, job) for index, job in burst.items()])
+    started = {event.handle for event in events if isinstance(event, TokenEvent)}
+    assert set(burst) <= started
+    engine.abort()

@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 _PREFILL_FLOOR = 96  # prompt tokens a step may carry however few rows decode
 _PREFILL_MIN = 16  # prompt tokens a step carries even when the decode rows fill the token budget
+_PREFILL_PER_DECODE_ROW = 3  # below the floor, prompt tokens a step carries per decode row
+_BURST_RATIO = 2  # prompts' rows per decode row from which a step carries as many prompt tokens as its budget allows
 
 
 @dataclass(eq=False)
@@ -131,13 +133,10 @@ class OwnedEngine:
         """The step's decode rows (by slot) and prompt chunks (row, tokens) within the token budget."""
         decode = sorted((row for row in self._rows if not row.prefilling), key=lambda row: row.slot)
         budget = max(self._owned.max_batch_tokens - len(decode), min(_PREFILL_MIN, self._owned.max_batch_tokens))
-        if decode:
-            # Prompt tokens at most as many as decode rows, or the floor: with the fused kernels a 64-row step
-            # carrying ~100 prompt tokens costs under twice a plain one (its matmuls read the weights once either
-            # way), so streaming rows' ITL p99 stays near 2x p50 while a burst of 64 short prompts joins in a
-            # handful of steps. Server A/B at 64 streams, two runs each: floor 64 gave TTFT p99 1.3-1.5 s and ITL
-            # p99/p50 1.5-1.6; 96 gave 0.76-0.80 s and 1.96-2.07; 128 gave 0.81-1.07 s and 1.9-2.3.
-            budget = min(budget, max(len(decode), _PREFILL_FLOOR))
+        joining = [row for row in self._rows if row.prefilling]
+        left = sum(len(row.inputs) - row.fed for row in joining if row.inputs is not None)
+        if decode and (len(joining) < _BURST_RATIO * len(decode) or left > budget):
+            budget = min(budget, self._prompt_cap(len(decode), len(joining)))
         chunks: list[tuple[_Row, int]] = []
         for row in self._rows:
             if not row.prefilling:
@@ -149,6 +148,25 @@ class OwnedEngine:
             chunks.append((row, count))
             budget -= count
         return decode, chunks
+
+    @staticmethod
+    def _prompt_cap(decode: int, prefilling: int) -> int:
+        """Prompt tokens a step may carry beside ``decode`` streaming rows, with ``prefilling`` rows' prompts to go.
+
+        Every streaming row waits for the whole step, so its prompt tokens set their inter-token gap. Where the
+        prompts' rows are at least as many as the streaming ones (a wave of requests joining), the cap is the decode
+        rows or the floor: with the fused kernels a 64-row step carrying ~100 prompt tokens costs under twice a
+        plain one (server A/B at 64 streams, two runs each: floor 64 gave TTFT p99 1.3-1.5 s and ITL p99/p50
+        1.5-1.6; 96 gave 0.76-0.80 s and 1.96-2.07; 128 gave 0.81-1.07 s and 1.9-2.3). Fewer rows joining many
+        streaming ones (the steady state) get three tokens per streaming row under that floor: at 16 rows, 96
+        prompt tokens made a step 2.5x a plain one, 48 made it 1.6x. Where the prompts' rows outnumber the
+        streaming ones twice over (``_BURST_RATIO``) and all their prompts fit in this step, ``_plan`` sets no
+        cap: a few rows' one long gap costs less than every joining row's first token waiting behind a trickle
+        (at 16 streams the rows that start first then held the rest of their wave to a couple of prompts a step,
+        TTFT p99 0.5-0.8 s). A long prompt never fits, so it is always spread over steps."""
+        if prefilling >= decode:
+            return max(decode, _PREFILL_FLOOR)
+        return max(decode, _PREFILL_MIN, min(_PREFILL_FLOOR, _PREFILL_PER_DECODE_ROW * decode))
 
     # -- fault isolation ------------------------------------------------------------------------------------------
 
