@@ -60,6 +60,10 @@ class OwnedAdapters:
             self._stacks[(layer, names)] = stacks
         return stacks
 
+    def ia3_scales(self, layer: int, module: str, of_input: bool) -> torch.Tensor | None:
+        """The IA3 pool's per-slot scales of a layer's module (of its input or output), None if no adapter has any."""
+        return self.ia3.scales(self._paths[layer][module], of_input)
+
     def serves(self, adapter: LoadedAdapter | None) -> bool:
         """Whether the owned forward computes this adapter exactly (else its rows take the transformers path)."""
         if adapter is None:
@@ -200,6 +204,6 @@ class StepAdapters:
     def scale(self, layer: int, module: str, of_input: bool = False) -> torch.Tensor | None:
         if self._token_ia3 is None:
             return None
-        scales = self._owned.ia3.scales(self._owned._paths[layer][module], of_input)
+        scales = self._owned.ia3_scales(layer, module, of_input)
         return None if scales is None else scales.index_select(0, self._token_ia3)
 
