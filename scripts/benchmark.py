@@ -568,19 +568,25 @@ def curve_point(strategy: str, label: str, url: str, prompts: list[str], concurr
 
 
 @contextlib.contextmanager
-def paused(process: subprocess.Popen | None, group: bool) -> Iterator[None]:
-    """Stop a server (its whole process group for vLLM, which runs its engine in children) while the other is
-    measured, and let it go on afterwards."""
-    if process is None:
-        yield
-        return
-    kill = (lambda sig: os.killpg(process.pid, sig)) if group else (lambda sig: os.kill(process.pid, sig))
-    kill(signal.SIGSTOP)
+def paused(process: subprocess.Popen) -> Iterator[None]:
+    """Stop our server while vLLM is measured, and let it go on afterwards."""
+    os.kill(process.pid, signal.SIGSTOP)
     try:
         yield
     finally:
-        kill(signal.SIGCONT)
+        os.kill(process.pid, signal.SIGCONT)
         time.sleep(1.0)  # its threads run again before the next measurement starts
+
+
+@contextlib.contextmanager
+def resumed(process: subprocess.Popen) -> Iterator[None]:
+    """Let a stopped server's process group run while it is measured, and stop it again afterwards."""
+    os.killpg(process.pid, signal.SIGCONT)
+    time.sleep(1.0)  # its threads run again before the measurement starts
+    try:
+        yield
+    finally:
+        os.killpg(process.pid, signal.SIGSTOP)
 
 
 def generation_run(store: Path, base: Path, adapters: dict[str, list[str]], prompts: list[str], port: int,
@@ -593,45 +599,47 @@ def generation_run(store: Path, base: Path, adapters: dict[str, list[str]], prom
     rows: list[Row] = []
     server = start_server(store, "mixed", port)
     url = f"http://127.0.0.1:{port}"
-    # Both servers are up together and each point is measured on ours, then at once on vLLM: on a shared machine
-    # the neighbours' load drifts over minutes, and a whole curve of ours before a whole curve of theirs once moved
-    # the ratios by 1.5x between two runs of the same code. The server not being measured is stopped (SIGSTOP):
-    # vLLM's idle CPU worker spins on both cores, which would otherwise be measured as our slowness.
+    # Every server is up at once and each concurrency measures, back to back: ours base only, vLLM's base-only
+    # server, ours mixed, vLLM's LoRA server. On a shared machine the neighbours' load drifts over minutes: a whole
+    # curve of ours before a whole curve of theirs once moved the ratios by 1.5x between two runs of the same code,
+    # and ours mixed / ours base, a phase apart, moved by 0.2 between runs. The servers not being measured are
+    # stopped (SIGSTOP): vLLM's idle CPU worker spins on both cores, which would otherwise be measured as our
+    # slowness. vLLM runs its base without LoRA enabled, its fastest configuration for it.
     phases: list[tuple[str, list[str], Callable[[], str | None], Callable[[], str | None]]] = [
         ("base only", [], lambda: None, lambda: EMBEDDED_MODEL_ID),
         ("mixed", loras, lambda: pick(rng, generation, False), lambda: pick(rng, loras, False)),
     ]
+    peers: dict[str, tuple[subprocess.Popen, str]] = {}
     try:
-        warm = [{"adapter": a, "prompt": "warm up", "max_new_tokens": 2} for a in [None, *generation]]
-        asyncio.run(drive(url, "/v1/generate", warm, 8))
-        for label, names, ours, theirs in phases:
-            peer, vllm_url = None, ""
-            if vllm_python and prefix:
+        if vllm_python and prefix:
+            for label, names, _, _ in phases:
                 vllm_port = _free_port()
                 log = Path(tempfile.mkstemp(prefix="bench-vllm-", suffix=".log")[1])
-                print(f"[vllm] starting with {len(names)} LoRA adapters, log in {log}", flush=True)
+                print(f"[vllm] starting a server with {len(names)} LoRA adapters, log in {log}", flush=True)
                 peer = start_vllm(vllm_python, prefix, base, store, names, vllm_port, log)
-                vllm_url = f"http://127.0.0.1:{vllm_port}"
-            try:
-                if peer is not None:
-                    warm = [{"model": n, "prompt": "warm up", "max_tokens": 2} for n in (EMBEDDED_MODEL_ID, *names)]
-                    asyncio.run(stream_generate(vllm_url, warm, 8, read_openai_stream))
-                for concurrency in CURVE:
-                    with paused(peer, group=True):
-                        rows += curve_point("ours", label, url, prompts, concurrency, ours, openai=False)
-                    if peer is not None:
-                        with paused(server, group=False):
-                            rows += curve_point("vllm", label, vllm_url, prompts, concurrency, theirs, openai=True)
-                if peer is not None:
-                    rows.append(("vllm", f"peak resident memory ({label} server)",
-                                 peak_rss_bytes(peer.pid) / 2**20, "MiB"))
-            finally:
-                if peer is not None:
-                    stop_group(peer)
+                peers[label] = peer, f"http://127.0.0.1:{vllm_port}"
+                warm = [{"model": n, "prompt": "warm up", "max_tokens": 2} for n in (EMBEDDED_MODEL_ID, *names)]
+                asyncio.run(stream_generate(peers[label][1], warm, 8, read_openai_stream))
+                os.killpg(peer.pid, signal.SIGSTOP)  # until its turn: see resumed()
+        warm = [{"adapter": a, "prompt": "warm up", "max_new_tokens": 2} for a in [None, *generation]]
+        asyncio.run(drive(url, "/v1/generate", warm, 8))
+        for concurrency in CURVE:
+            for label, _, ours, theirs in phases:
+                rows += curve_point("ours", label, url, prompts, concurrency, ours, openai=False)
+                if label in peers:
+                    peer, vllm_url = peers[label]
+                    with paused(server), resumed(peer):
+                        rows += curve_point("vllm", label, vllm_url, prompts, concurrency, theirs, openai=True)
+        for label, (peer, _) in peers.items():
+            rows.append(("vllm", f"peak resident memory ({label} server)", peak_rss_bytes(peer.pid) / 2**20, "MiB"))
         memory = httpx.get(f"{url}/metrics").text
         rows.append(("ours", "peak resident memory", peak_rss_bytes(server.pid) / 2**20, "MiB"))
         rows += [("ours", name, value / 2**20, "MiB") for name, value in memory_gauges(memory).items()]
     finally:
+        for peer, _ in peers.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(peer.pid, signal.SIGCONT)  # a stopped process acts on SIGTERM only once it runs
+            stop_group(peer)
         server.terminate()
         server.wait(timeout=60)
     rows += many_adapters_rows(base, prompts, _free_port())
