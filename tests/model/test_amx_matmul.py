@@ -15,7 +15,9 @@ pytestmark = pytest.mark.skipif(not amx_matmul_available(), reason="this CPU has
 SHAPES = [(64, 960, 576), (1, 17, 33), (7, 576, 576), (16, 64, 64), (17, 64, 64), (31, 40, 64), (33, 3072, 576),
           (48, 49, 96), (160, 576, 1536), (5, 100, 70),
           # many rows, few columns (a head as head x hidden^T): the threads split the rows
-          (1100, 1, 64), (2048, 64, 96), (1031, 100, 576), (1024, 128, 40)]
+          (1100, 1, 64), (2048, 64, 96), (1031, 100, 576), (1024, 128, 40),
+          # past a panel of rows (512), in a tail too
+          (1100, 160, 64)]
 
 
 def _reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
