@@ -321,6 +321,8 @@ def start_vllm(python: str, prefix: Path, base: Path, store: Path, loras: list[s
     command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
                "--served-model-name", EMBEDDED_MODEL_ID, "--host", "127.0.0.1", "--port", str(port),
                "--dtype", dtype]
+    if device.type == "cuda":  # two servers (base only, LoRA) stay up at once: each takes part of the GPU
+        command += ["--gpu-memory-utilization", "0.4"]
     if loras:
         configs = [json.loads((store / name / "adapter_config.json").read_text()) for name in loras]
         # Unrestricted, vLLM wraps every linear layer and runs its LoRA kernels on all of them, which cost about 40%

@@ -44,17 +44,19 @@ def test_matches_the_float32_product(rows: int, out_features: int, in_features: 
     _assert_within_rounding(got, _reference(x, weight, bias))
 
 
-def test_one_thread_and_a_team_agree() -> None:
+# Column blocks split among threads, rows split (many rows, few columns), row panels (past 512 rows).
+@pytest.mark.parametrize("rows,out_features,in_features", [(40, 3072, 576), (2048, 64, 96), (1100, 160, 64)])
+def test_one_thread_and_a_team_agree(rows: int, out_features: int, in_features: int) -> None:
     generator = torch.Generator().manual_seed(1)
-    weight = torch.randn(3072, 576, generator=generator).to(torch.bfloat16)
-    x = torch.randn(40, 576, generator=generator).to(torch.bfloat16)
+    weight = torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)
+    x = torch.randn(rows, in_features, generator=generator).to(torch.bfloat16)
     packed = torch.ops.adapter_service.amx_pack(weight)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        alone = torch.ops.adapter_service.amx_linear(x, packed, 3072, None)
+        alone = torch.ops.adapter_service.amx_linear(x, packed, out_features, None)
         torch.set_num_threads(max(2, threads))
-        together = torch.ops.adapter_service.amx_linear(x, packed, 3072, None)
+        together = torch.ops.adapter_service.amx_linear(x, packed, out_features, None)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(alone, together)  # each output block is one thread's, summed in the same order
@@ -110,7 +112,8 @@ def test_the_head_reads_its_dense_weight_as_the_left_operand() -> None:
     head = torch.randn(3000, 64, generator=generator).to(torch.bfloat16)
     assert amx_head_applies(head, None, Packing.AMX)
     assert not amx_head_applies(head, torch.zeros(3000), Packing.AMX)  # a head with a bias keeps torch's matmul
-    assert not amx_head_applies(head[:, :40], None, Packing.AMX)  # K not whole 32-value steps (nor contiguous)
+    assert not amx_head_applies(head[:, :40].contiguous(), None, Packing.AMX)  # K not whole 32-value steps
+    assert not amx_head_applies(head[::2], None, Packing.AMX)  # not contiguous
     assert not amx_head_applies(head, None, Packing.ONEDNN)
     for rows in (1, 16, 33, 64, 129):  # 129: past the rows the kernel splits this way, torch does it
         hidden = torch.randn(rows, 64, generator=generator).to(torch.bfloat16)

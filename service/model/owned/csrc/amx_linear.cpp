@@ -226,7 +226,7 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out
     // too many streams for the hardware prefetcher to follow.
     const int64_t passes = (m + kBlockM - 1) / kBlockM;
     const int64_t pass_bytes = kBlockM * input_stride * static_cast<int64_t>(sizeof(at::BFloat16));
-    const int64_t lines_per_step = (pass_bytes / 64 + k_steps - 1) / k_steps;
+    const int64_t lines_per_step = k_steps > 0 ? (pass_bytes / 64 + k_steps - 1) / k_steps : 0;
     adapter_service::parallel_for_stealing(
         passes,
         [&](int64_t pass) {
