@@ -133,10 +133,10 @@ class OwnedEngine:
         """The step's decode rows (by slot) and prompt chunks (row, tokens) within the token budget."""
         decode = sorted((row for row in self._rows if not row.prefilling), key=lambda row: row.slot)
         budget = max(self._owned.max_batch_tokens - len(decode), min(_PREFILL_MIN, self._owned.max_batch_tokens))
-        joining = [row for row in self._rows if row.prefilling]
-        left = sum(len(row.inputs) - row.fed for row in joining if row.inputs is not None)
-        if decode and (len(joining) < _BURST_RATIO * len(decode) or left > budget):
-            budget = min(budget, self._prompt_cap(len(decode), len(joining)))
+        if decode:
+            joining = [row for row in self._rows if row.prefilling]
+            left = sum(len(row.inputs) - row.fed for row in joining if row.inputs is not None)
+            budget = self._prompt_budget(budget, len(decode), len(joining), left)
         chunks: list[tuple[_Row, int]] = []
         for row in self._rows:
             if not row.prefilling:
@@ -150,8 +150,9 @@ class OwnedEngine:
         return decode, chunks
 
     @staticmethod
-    def _prompt_cap(decode: int, prefilling: int) -> int:
-        """Prompt tokens a step may carry beside ``decode`` streaming rows, with ``prefilling`` rows' prompts to go.
+    def _prompt_budget(budget: int, decode: int, prefilling: int, left: int) -> int:
+        """Prompt tokens a step may carry (of ``budget``) beside ``decode`` streaming rows, with ``prefilling``
+        rows' prompts to go, ``left`` tokens in all.
 
         Every streaming row waits for the whole step, so its prompt tokens set their inter-token gap. Where the
         prompts' rows are at least as many as the streaming ones (a wave of requests joining), the cap is the decode
@@ -160,13 +161,15 @@ class OwnedEngine:
         1.5-1.6; 96 gave 0.76-0.80 s and 1.96-2.07; 128 gave 0.81-1.07 s and 1.9-2.3). Fewer rows joining many
         streaming ones (the steady state) get three tokens per streaming row under that floor: at 16 rows, 96
         prompt tokens made a step 2.5x a plain one, 48 made it 1.6x. Where the prompts' rows outnumber the
-        streaming ones twice over (``_BURST_RATIO``) and all their prompts fit in this step, ``_plan`` sets no
-        cap: a few rows' one long gap costs less than every joining row's first token waiting behind a trickle
-        (at 16 streams the rows that start first then held the rest of their wave to a couple of prompts a step,
-        TTFT p99 0.5-0.8 s). A long prompt never fits, so it is always spread over steps."""
+        streaming ones twice over (``_BURST_RATIO``) and all their prompts fit in this step, there is no cap:
+        a few rows' one long gap costs less than every joining row's first token waiting behind a trickle (at 16
+        streams the rows that start first then held the rest of their wave to a couple of prompts a step, TTFT
+        p99 0.5-0.8 s). A long prompt never fits, so it is always spread over steps."""
+        if prefilling >= _BURST_RATIO * decode and left <= budget:
+            return budget
         if prefilling >= decode:
-            return max(decode, _PREFILL_FLOOR)
-        return max(decode, _PREFILL_MIN, min(_PREFILL_FLOOR, _PREFILL_PER_DECODE_ROW * decode))
+            return min(budget, max(decode, _PREFILL_FLOOR))
+        return min(budget, max(decode, _PREFILL_MIN, min(_PREFILL_FLOOR, _PREFILL_PER_DECODE_ROW * decode)))
 
     # -- fault isolation ------------------------------------------------------------------------------------------
 

@@ -216,9 +216,24 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out
   const float* bias_data = bias.has_value() ? bias_float.data_ptr<float>() : nullptr;
   at::BFloat16* out_data = out.data_ptr<at::BFloat16>();
   const int64_t block_weight = kBlockN * k_steps * kBlockK;
-  // Passes after the first over a block's rows find its weights in L2 when they fit beside the input rows (all of
-  // SmolLM2's and Llama 8B's but the widest); else every pass streams them in with software prefetch.
-  const bool block_stays_cached = block_weight * static_cast<int64_t>(sizeof(at::BFloat16)) <= 256 * 1024;
+  // One pass: `rows` input rows from `row` against column block `block`, rounded into out (see block_sums for
+  // `prefetch`).
+  auto pass_over = [&](int64_t row, int64_t rows, int64_t block, const char* prefetch, int64_t prefetch_lines) {
+    alignas(64) float sums[kBlockM * kBlockN];
+    if (rows != configured_rows) {
+      configure_tiles(rows);
+      configured_rows = rows;
+    }
+    const int64_t column = block * kBlockN, columns = std::min(kBlockN, n - column);
+    block_sums(input_data + row * input_stride, input_stride, weight + block * block_weight, k_steps,
+               rows > kTileRows, sums, prefetch, prefetch_lines);
+    store_block(sums, bias_data ? bias_data + column : nullptr, rows, columns, out_data + row * n + column, n);
+  };
+  const auto enter = [] { configured_rows = 0; };
+  const auto leave = [] {
+    if (configured_rows != 0) release_tiles();
+    configured_rows = 0;
+  };
   if (n_blocks <= kRowSplitBlocks && m >= kRowSplitRows) {
     // Few output columns and many rows (a head computed as head x hidden^T, whose rows are the vocabulary): the
     // threads split the rows, so each input row, which is what streams from memory here, is read by one thread
@@ -230,31 +245,20 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out
     adapter_service::parallel_for_stealing(
         passes,
         [&](int64_t pass) {
-          alignas(64) float sums[kBlockM * kBlockN];
           const int64_t row = pass * kBlockM, rows = std::min(kBlockM, m - row);
-          if (rows != configured_rows) {
-            configure_tiles(rows);
-            configured_rows = rows;
-          }
-          const at::BFloat16* rows_start = input_data + row * input_stride;
-          const bool prefetch_next = pass + 1 < passes;
+          const char* next_rows = pass + 1 < passes
+                                      ? reinterpret_cast<const char*>(input_data + (row + kBlockM) * input_stride)
+                                      : nullptr;
           for (int64_t block = 0; block < n_blocks; ++block) {
-            const int64_t column = block * kBlockN, columns = std::min(kBlockN, n - column);
-            block_sums(rows_start, input_stride, weight + block * block_weight, k_steps, rows > kTileRows, sums,
-                       block == 0 && prefetch_next
-                           ? reinterpret_cast<const char*>(rows_start + kBlockM * input_stride) : nullptr,
-                       lines_per_step);
-            store_block(sums, bias_data ? bias_data + column : nullptr, rows, columns, out_data + row * n + column,
-                        n);
+            pass_over(row, rows, block, block == 0 ? next_rows : nullptr, lines_per_step);
           }
         },
-        [] { configured_rows = 0; },
-        [] {
-          if (configured_rows != 0) release_tiles();
-          configured_rows = 0;
-        });
+        enter, leave);
     return out;
   }
+  // Passes after the first over a block's rows find its weights in L2 when they fit beside the input rows (all of
+  // SmolLM2's and Llama 8B's but the widest); else every pass streams them in with software prefetch.
+  const bool block_stays_cached = block_weight * static_cast<int64_t>(sizeof(at::BFloat16)) <= 256 * 1024;
   // Many rows go in panels of kPanelRows, each over every column block: all the rows against each block in turn
   // re-read the whole input from memory once per block (96 times for SmolLM2's gate/up at 4,096 rows), where a
   // panel's rows stay in L2 across the blocks and only the weights are read again, once per panel.
@@ -263,30 +267,16 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out
     adapter_service::parallel_for_stealing(
         n_blocks,
         [&](int64_t block) {
-          alignas(64) float sums[kBlockM * kBlockN];
-          const int64_t column = block * kBlockN, columns = std::min(kBlockN, n - column);
+          const char* weights_ahead =
+              reinterpret_cast<const char*>(weight + block * block_weight + kPrefetchAhead * 2 * kTileElements);
           for (int64_t row = first; row < last; row += kBlockM) {
-            const int64_t rows = std::min(kBlockM, last - row);
-            if (rows != configured_rows) {
-              configure_tiles(rows);
-              configured_rows = rows;
-            }
             // The first pass over the rows streams the weights in; later passes find them cached.
             const bool stream = row == first || !block_stays_cached;
-            const at::BFloat16* block_start = weight + block * block_weight;
-            block_sums(input_data + row * input_stride, input_stride, block_start, k_steps, rows > kTileRows, sums,
-                       stream ? reinterpret_cast<const char*>(block_start + kPrefetchAhead * 2 * kTileElements)
-                              : nullptr,
-                       stream ? 2 * kTileElements * 2 / 64 : 0);
-            store_block(sums, bias_data ? bias_data + column : nullptr, rows, columns, out_data + row * n + column,
-                        n);
+            pass_over(row, std::min(kBlockM, last - row), block, stream ? weights_ahead : nullptr,
+                      stream ? 2 * kTileElements * 2 / 64 : 0);
           }
         },
-        [] { configured_rows = 0; },
-        [] {
-          if (configured_rows != 0) release_tiles();
-          configured_rows = 0;
-        });
+        enter, leave);
   }
 #endif
   return out;

@@ -314,7 +314,9 @@ void slot_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Ten
           }
           if (j < length) {
             const Vec p0(pg[j]);
-            for (int64_t c = 0; c < C; ++c) even[c] = at::vec::fmadd(p0, load_floats(value_rows + j * dim + c * kLanes), even[c]);
+            for (int64_t c = 0; c < C; ++c) {
+              even[c] = at::vec::fmadd(p0, load_floats(value_rows + j * dim + c * kLanes), even[c]);
+            }
           }
           T* dst = out_ptr + t * o_token + (head * group + g) * o_head;
           const Vec inverse(1.f / totals[g]);
