@@ -24,6 +24,12 @@ def test_the_kernels_build_where_a_compiler_is() -> None:
     assert cpu_kernels_available()
 
 
+@pytest.fixture(autouse=True)
+def _kernels_loaded() -> None:
+    """Tests that call torch.ops.adapter_service directly need the library loaded, whichever of them run."""
+    cpu_kernels_available()
+
+
 def _cache(dtype: torch.dtype, slots: int = 8, slot_tokens: int = 256, kv_heads: int = KV_HEADS,
            dim: int = DIM) -> SlotCache:
     shape = CacheShape(layers=1, kv_heads=kv_heads, head_dim=dim, slots=slots, slot_tokens=slot_tokens,
@@ -153,16 +159,44 @@ def test_lora_kernel_adds_each_tokens_own_adapter_delta(dtype: torch.dtype, rank
             delta = b[slot, :, :used].float() @ (a[slot, :used].float() @ x[token].float())
             expected[token, width_out:2 * width_out] = (expected[token, width_out:2 * width_out].float()
                                                          + delta).to(dtype)
-    torch.ops.adapter_service.lora_delta_(x, a, b_t, slots, ranks, fused[:, width_out:2 * width_out])
+    torch.ops.adapter_service.lora_delta_(x, slots, [a], [b_t], [ranks], [width_out], fused)
     torch.testing.assert_close(fused.float(), expected.float(), atol=TOLERANCE[dtype] * 10, rtol=TOLERANCE[dtype])
     untouched = [1, 5, 6]
     assert torch.equal(fused[untouched], expected[untouched])
     assert torch.equal(fused[:, :width_out], expected[:, :width_out])
     with pytest.raises(RuntimeError, match="outside the pool"):
-        torch.ops.adapter_service.lora_delta_(x, a, b_t, torch.tensor([0, 0, 0, 0, 0, 0, pool]), ranks,
-                                              fused[:, :width_out])
+        torch.ops.adapter_service.lora_delta_(x, torch.tensor([0, 0, 0, 0, 0, 0, pool]), [a], [b_t], [ranks], [0],
+                                              fused)
     with pytest.raises(RuntimeError, match="rank outside"):
-        torch.ops.adapter_service.lora_delta_(x, a, b_t, slots, ranks + 1, fused[:, :width_out])
+        torch.ops.adapter_service.lora_delta_(x, slots, [a], [b_t], [ranks + 1], [0], fused)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_kernel_adds_every_stack_of_a_fused_output_in_one_call(dtype: torch.dtype) -> None:
+    """A layer's stacks in one call (q and v of a fused q/k/v output, of different widths and pool ranks) give each
+    stack's columns the bits a call of its own gives them; the columns between stay as they were, and a slot with
+    no rows in one stack (an adapter on q only) gets only the other's delta."""
+    generator = torch.Generator().manual_seed(6)
+    pool, width_in, tokens = 4, 48, 9
+    widths, pool_ranks, firsts = (32, 16), (16, 8), (0, 48)
+    a = [torch.randn(pool, r, width_in, generator=generator).to(dtype) for r in pool_ranks]
+    b_t = [torch.randn(pool, r, w, generator=generator).to(dtype) for r, w in zip(pool_ranks, widths)]
+    ranks = [torch.tensor([16, 8, 16, 0]), torch.tensor([8, 0, 4, 8])]
+    x = torch.randn(tokens, width_in, generator=generator).to(dtype)
+    fused = torch.randn(tokens, 64, generator=generator).to(dtype)
+    slots = torch.tensor([0, 1, 2, 3, -1, 1, 0, 2, 3])
+    together = fused.clone()
+    torch.ops.adapter_service.lora_delta_(x, slots, a, b_t, ranks, list(firsts), together)
+    apart = fused.clone()
+    for k in range(2):
+        torch.ops.adapter_service.lora_delta_(x, slots, [a[k]], [b_t[k]], [ranks[k]], [firsts[k]], apart)
+    assert torch.equal(together, apart)
+    assert torch.equal(together[:, 32:48], fused[:, 32:48])
+    assert torch.equal(together[4], fused[4])
+    assert torch.equal(together[1, 48:], fused[1, 48:]) and not torch.equal(together[1, :32], fused[1, :32])
+    assert torch.equal(together[3, :32], fused[3, :32]) and not torch.equal(together[3, 48:], fused[3, 48:])
+    with pytest.raises(RuntimeError, match="columns outside out"):
+        torch.ops.adapter_service.lora_delta_(x, slots, a, b_t, ranks, [0, 49], together)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -178,10 +212,11 @@ def test_lora_kernel_gives_a_token_the_same_bits_alone_or_among_its_adapters_tok
     base = torch.randn(tokens, width_out, generator=generator).to(dtype)
     slots = torch.tensor([(token * 7) % pool if token % 5 else 1 for token in range(tokens)])
     together = base.clone()
-    torch.ops.adapter_service.lora_delta_(x, a, b_t, slots, ranks, together)
+    torch.ops.adapter_service.lora_delta_(x, slots, [a], [b_t], [ranks], [0], together)
     for token in range(tokens):
         alone = base[token:token + 1].clone()
-        torch.ops.adapter_service.lora_delta_(x[token:token + 1], a, b_t, slots[token:token + 1], ranks, alone)
+        torch.ops.adapter_service.lora_delta_(x[token:token + 1], slots[token:token + 1], [a], [b_t], [ranks], [0],
+                                              alone)
         assert torch.equal(alone[0], together[token]), token
 
 

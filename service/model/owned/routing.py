@@ -3,7 +3,7 @@
 The resident pools (gathered LoRA, IA3) stay the single home of adapter tensors; this maps the owned forward's
 (layer, module) to their stacks and gives each step the rows' slots. A prompt chunk (many tokens of one row) uses
 its adapter's matrices directly. With the fused CPU kernels, every token's delta comes from one kernel call per
-module that reads the adapters straight from the pool, the tokens of one adapter together and only its own rank's
+fused matmul (q and v of one q/k/v output together) that reads the adapters straight from the pool, the tokens of one adapter together and only its own rank's
 rows (``lora_delta_``, after Punica's SGMV): adapter bytes read per step are the cost there. Without them,
 decode rows (one token each) read their LoRA matrices from ``RowLora``: a copy per cache slot, written when a row
 is admitted, so a step takes a view of the rows' span like the KV cache does, where gathering every row's matrices
@@ -43,10 +43,10 @@ class OwnedAdapters:
                         for name in MODULES} for index in range(len(forward.modules))]
         self._input_paths = {paths[name] for paths in self._paths for name in _INPUT_SCALED}
         self._output_paths = {path for paths in self._paths for path in paths.values()}
-        self._stacks: dict[tuple[int, tuple[str, ...]], list[tuple[slice, ModuleStack]]] = {}
+        self._stacks: dict[tuple[int, tuple[str, ...]], LayerLora] = {}
         self._stacks_version: int | None = None
 
-    def lora_stacks(self, layer: int, names: tuple[str, ...]) -> list[tuple[slice, ModuleStack]]:
+    def lora_stacks(self, layer: int, names: tuple[str, ...]) -> LayerLora:
         """The pool's stacks for these modules of a layer, with each one's columns of the modules' fused output
         (worked out once per pool version: a step asks for them 4 times per layer)."""
         if self._stacks_version != self.gathered.version:
@@ -55,8 +55,8 @@ class OwnedAdapters:
         stacks = self._stacks.get((layer, names))
         if stacks is None:
             modules = self.forward.modules[layer]
-            stacks = [(self.forward.slices[name], stack) for name in names
-                      if (stack := self.gathered.stack(modules[name])) is not None]
+            stacks = LayerLora([(self.forward.slices[name], stack) for name in names
+                                if (stack := self.gathered.stack(modules[name])) is not None])
             self._stacks[(layer, names)] = stacks
         return stacks
 
@@ -100,6 +100,28 @@ class OwnedAdapters:
             return None
         return StepAdapters(self, lora if any(lora) else None, ia3 if any(ia3) else None, list(decode_slots),
                             [count for _, count in chunks])
+
+
+class LayerLora:
+    """The pool's stacks behind one fused matmul of a layer, with each one's columns of its output, and the same as
+    the LoRA kernel takes them (one call for all of them). A stack's tensors are read at each call: a pool write
+    may replace them (a larger rank) even where it fails and the pool's version stays."""
+
+    def __init__(self, stacks: list[tuple[slice, ModuleStack]]) -> None:
+        self.stacks = stacks
+        self.columns = [columns.start or 0 for columns, _ in stacks]
+
+    @property
+    def a(self) -> list[torch.Tensor]:
+        return [stack.a for _, stack in self.stacks]
+
+    @property
+    def b_t(self) -> list[torch.Tensor]:
+        return [stack.b_t for _, stack in self.stacks]
+
+    @property
+    def ranks(self) -> list[torch.Tensor]:
+        return [stack.ranks for _, stack in self.stacks]
 
 
 class RowLora:
@@ -168,13 +190,13 @@ class StepAdapters:
 
     def adapt(self, layer: int, names: tuple[str, ...], x: torch.Tensor, output: torch.Tensor) -> None:
         if self._any_lora:
-            stacks = self._owned.lora_stacks(layer, names)
+            lora = self._owned.lora_stacks(layer, names)
             if self._token_lora is not None:
-                for columns, stack in stacks:
-                    torch.ops.adapter_service.lora_delta_(x, stack.a, stack.b_t, self._token_lora, stack.ranks,
-                                                          output[:, columns])
+                if lora.stacks:
+                    torch.ops.adapter_service.lora_delta_(x, self._token_lora, lora.a, lora.b_t, lora.ranks,
+                                                          lora.columns, output)
             else:
-                for columns, stack in stacks:
+                for columns, stack in lora.stacks:
                     self._add_lora(stack, x, output[:, columns])
         if self._token_ia3 is not None:
             for name in names:

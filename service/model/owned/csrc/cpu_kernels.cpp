@@ -521,30 +521,62 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 
 // ---- per-token LoRA deltas from the resident pool (Punica's SGMV) ---------------------------------------------
 //
-// out[t] += (A[s] x[t]) B^T[s] for s = slots[t] (no delta where s < 0), with A [pool, rank, in] and the scaled,
-// transposed B^T [pool, rank, out] straight from the pool: no per-row copy of any adapter's matrices. A step reads
+// For each stack k (a module of one fused matmul) and token t with s = slots[t] >= 0:
+// out[t, columns[k]:columns[k] + width_k] += (A_k[s] x[t]) B_k^T[s], with A [pool, rank, in] and the scaled,
+// transposed B^T [pool, rank, width] straight from the pool: no per-row copy of any adapter's matrices. A step reads
 // every adapter's rows from memory (they do not stay cached between steps, behind the base's weights), so the cost
-// is the bytes read: tokens are grouped by slot and each group of up to kLoraTokens tokens reads its adapter's
-// rows once, and only the slot's own ranks[s] rows (a rank-8 adapter in a pool padded to 16 reads half). Each
-// token's arithmetic is the same whatever its group: float32 accumulation in rank order, rounded once into out (a
-// view; its rows may be strided, as a module's slice of a fused output is).
+// is the bytes read, and how well their reading overlaps: tokens are grouped by slot, and each group of up to
+// kLoraTokens tokens reads its adapter's rows once per stack, only the slot's own ranks_k[s] rows (a rank-8 adapter
+// in a pool padded to 16 reads half). A layer's stacks go in one call (q and v of one fused q/k/v output), and a
+// task (a group against one stack) prefetches the next task's rows while it computes, so the memory stream never
+// waits for a task to start: one task's rows are a few KiB, too short for the hardware prefetcher to get going.
+// Each token's arithmetic is the same whatever its group: float32 accumulation in rank order, rounded once into out
+// (its rows may be strided, as a fused output's are).
 
 constexpr int kLoraTokens = 4;
 
-template <typename T, int N>
-void lora_group(const T* const* xs, T* const* outs, const T* a_slot, const T* b_slot, int64_t rank, int64_t in,
-                int64_t width, float* shrunk, bool first_of_slot) {
-  const int64_t in_whole = in - in % kLanes, out_whole = width - width % kLanes;
-  // The adapter's rows come from memory (not cached between steps): asked for all at once, the loads overlap.
-  // Later groups of the same slot (a prompt chunk's tokens) find them cached.
-  if (first_of_slot) {
-    for (const auto& [start, count] : {std::pair{a_slot, rank * in}, std::pair{b_slot, rank * width}}) {
-      const char* bytes = reinterpret_cast<const char*>(start);
-      const int64_t size = count * static_cast<int64_t>(sizeof(T));
-      for (int64_t offset = 0; offset < size; offset += 64) __builtin_prefetch(bytes + offset, 0, 2);
+// Cache lines of up to two byte ranges, issued a few at a time into L2 (the rows of the task after this one).
+struct LinePrefetcher {
+  const char* start[2] = {nullptr, nullptr};
+  int64_t lines[2] = {0, 0};
+  int part = 0;
+  int64_t next = 0;
+
+  int64_t total() const { return lines[0] + lines[1]; }
+  void issue(int64_t count) {
+    while (count > 0 && part < 2) {
+      if (next >= lines[part]) {
+        ++part;
+        next = 0;
+        continue;
+      }
+      __builtin_prefetch(start[part] + next * 64, 0, 2);
+      ++next;
+      --count;
     }
   }
+};
+
+template <typename T>
+struct LoraStack {
+  const T* a;             // [pool, pool_rank, in]
+  const T* b_t;           // [pool, pool_rank, width]
+  const int64_t* ranks;   // [pool]
+  int64_t pool_rank;
+  int64_t width;
+  int64_t column;         // the stack's first column of out
+
+  const T* a_rows(int64_t slot, int64_t in) const { return a + slot * pool_rank * in; }
+  const T* b_rows(int64_t slot) const { return b_t + slot * pool_rank * width; }
+};
+
+template <typename T, int N>
+void lora_group(const T* const* xs, T* const* outs, const T* a_slot, const T* b_slot, int64_t rank, int64_t in,
+                int64_t width, float* shrunk, LinePrefetcher& next) {
+  const int64_t in_whole = in - in % kLanes, out_whole = width - width % kLanes;
+  const int64_t per_row = (next.total() + rank - 1) / std::max<int64_t>(rank, 1);
   for (int64_t r = 0; r < rank; ++r) {
+    next.issue(per_row);
     const T* ar = a_slot + r * in;
     Vec acc[N];
     for (int j = 0; j < N; ++j) acc[j] = Vec(0.f);
@@ -558,6 +590,7 @@ void lora_group(const T* const* xs, T* const* outs, const T* a_slot, const T* b_
       shrunk[j * rank + r] = total;
     }
   }
+  next.issue(next.total());
   for (int64_t o = 0; o < out_whole; o += kLanes) {
     Vec delta[N];
     for (int j = 0; j < N; ++j) delta[j] = Vec(0.f);
@@ -576,22 +609,28 @@ void lora_group(const T* const* xs, T* const* outs, const T* a_slot, const T* b_
   }
 }
 
+thread_local int64_t lora_prefetched_task = -1;  // the task whose rows this thread last prefetched ahead
+
 template <typename T>
-void lora_delta_impl(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b_t, const at::Tensor& slots,
-                     const at::Tensor& ranks, at::Tensor& out) {
-  const int64_t tokens = x.size(0), in = x.size(1), pool_rank = a.size(1), width = b_t.size(2);
+void lora_delta_impl(const at::Tensor& x, const at::Tensor& slots, at::TensorList a, at::TensorList b_t,
+                     at::TensorList ranks, at::IntArrayRef columns, at::Tensor& out) {
+  const int64_t tokens = x.size(0), in = x.size(1);
   const T* x_ptr = x.data_ptr<T>();
-  const T* a_ptr = a.data_ptr<T>();
-  const T* b_ptr = b_t.data_ptr<T>();
   T* o_ptr = out.data_ptr<T>();
   const int64_t x_stride = x.stride(0), o_stride = out.stride(0);
   const int64_t* slot_ptr = slots.data_ptr<int64_t>();
-  const int64_t* rank_ptr = ranks.data_ptr<int64_t>();
+  std::vector<LoraStack<T>> stacks;
+  int64_t max_rank = 0;
+  for (size_t k = 0; k < a.size(); ++k) {
+    stacks.push_back({a[k].data_ptr<T>(), b_t[k].data_ptr<T>(), ranks[k].data_ptr<int64_t>(), a[k].size(1),
+                      b_t[k].size(2), columns[k]});
+    max_rank = std::max(max_rank, a[k].size(1));
+  }
   // Tokens with an adapter, by slot (stable), cut into groups of one slot and at most kLoraTokens tokens.
   std::vector<int64_t> order;
   order.reserve(tokens);
   for (int64_t t = 0; t < tokens; ++t) {
-    if (slot_ptr[t] >= 0 && rank_ptr[slot_ptr[t]] > 0) order.push_back(t);
+    if (slot_ptr[t] >= 0) order.push_back(t);
   }
   std::stable_sort(order.begin(), order.end(), [&](int64_t l, int64_t r) { return slot_ptr[l] < slot_ptr[r]; });
   std::vector<int64_t> starts;
@@ -600,53 +639,87 @@ void lora_delta_impl(const at::Tensor& x, const at::Tensor& a, const at::Tensor&
     if (!same) starts.push_back(static_cast<int64_t>(i));
   }
   starts.push_back(static_cast<int64_t>(order.size()));
-  const int64_t groups = static_cast<int64_t>(starts.size()) - 1;
-  parallel_for_claimed(0, groups, 1, [&](int64_t begin, int64_t end) {
-    constexpr int64_t kStackRank = 64;  // ranks up to this use a buffer on the stack (no allocation per group)
-    float stack_buffer[kLoraTokens * kStackRank];
-    std::vector<float> heap_buffer(pool_rank > kStackRank ? kLoraTokens * pool_rank : 0);
-    float* shrunk = pool_rank > kStackRank ? heap_buffer.data() : stack_buffer;
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t first = starts[g], count = starts[g + 1] - first;
-      const int64_t slot = slot_ptr[order[first]], rank = rank_ptr[slot];
-      const bool first_of_slot = first == 0 || slot_ptr[order[first - 1]] != slot;
-      const T* xs[kLoraTokens];
-      T* outs[kLoraTokens];
-      for (int64_t j = 0; j < count; ++j) {
-        xs[j] = x_ptr + order[first + j] * x_stride;
-        outs[j] = o_ptr + order[first + j] * o_stride;
-      }
-      const T* a_slot = a_ptr + slot * pool_rank * in;
-      const T* b_slot = b_ptr + slot * pool_rank * width;
-      switch (count) {
-        case 1: lora_group<T, 1>(xs, outs, a_slot, b_slot, rank, in, width, shrunk, first_of_slot); break;
-        case 2: lora_group<T, 2>(xs, outs, a_slot, b_slot, rank, in, width, shrunk, first_of_slot); break;
-        case 3: lora_group<T, 3>(xs, outs, a_slot, b_slot, rank, in, width, shrunk, first_of_slot); break;
-        default: lora_group<T, kLoraTokens>(xs, outs, a_slot, b_slot, rank, in, width, shrunk, first_of_slot); break;
-      }
+  // Tasks: each group against each stack its slot has rows in, a group's stacks together (its tokens stay cached).
+  std::vector<std::pair<int64_t, int64_t>> tasks;  // (group, stack)
+  for (int64_t g = 0; g + 1 < static_cast<int64_t>(starts.size()); ++g) {
+    const int64_t slot = slot_ptr[order[starts[g]]];
+    for (int64_t k = 0; k < static_cast<int64_t>(stacks.size()); ++k) {
+      if (stacks[k].ranks[slot] > 0) tasks.emplace_back(g, k);
     }
-  });
+  }
+  const int64_t task_count = static_cast<int64_t>(tasks.size());
+  // The rows a task reads, as the prefetcher takes them.
+  const auto rows_of = [&](int64_t task) {
+    LinePrefetcher lines;
+    if (task < 0 || task >= task_count) return lines;
+    const auto [g, k] = tasks[task];
+    const LoraStack<T>& stack = stacks[k];
+    const int64_t slot = slot_ptr[order[starts[g]]], rank = stack.ranks[slot];
+    lines.start[0] = reinterpret_cast<const char*>(stack.a_rows(slot, in));
+    lines.lines[0] = (rank * in * static_cast<int64_t>(sizeof(T)) + 63) / 64;
+    lines.start[1] = reinterpret_cast<const char*>(stack.b_rows(slot));
+    lines.lines[1] = (rank * stack.width * static_cast<int64_t>(sizeof(T)) + 63) / 64;
+    return lines;
+  };
+  adapter_service::parallel_for_stealing(
+      task_count,
+      [&](int64_t task) {
+        constexpr int64_t kStackRank = 64;  // ranks up to this use a buffer on the stack (no allocation per task)
+        float stack_buffer[kLoraTokens * kStackRank];
+        std::vector<float> heap_buffer(max_rank > kStackRank ? kLoraTokens * max_rank : 0);
+        float* shrunk = max_rank > kStackRank ? heap_buffer.data() : stack_buffer;
+        if (lora_prefetched_task != task) {  // a thread's first task, or one taken from another's range
+          LinePrefetcher own = rows_of(task);
+          own.issue(own.total());
+        }
+        LinePrefetcher next = rows_of(task + 1);
+        lora_prefetched_task = task + 1;
+        const auto [g, k] = tasks[task];
+        const LoraStack<T>& stack = stacks[k];
+        const int64_t first = starts[g], count = starts[g + 1] - first;
+        const int64_t slot = slot_ptr[order[first]], rank = stack.ranks[slot];
+        const T* xs[kLoraTokens];
+        T* outs[kLoraTokens];
+        for (int64_t j = 0; j < count; ++j) {
+          xs[j] = x_ptr + order[first + j] * x_stride;
+          outs[j] = o_ptr + order[first + j] * o_stride + stack.column;
+        }
+        const T* a_slot = stack.a_rows(slot, in);
+        const T* b_slot = stack.b_rows(slot);
+        switch (count) {
+          case 1: lora_group<T, 1>(xs, outs, a_slot, b_slot, rank, in, stack.width, shrunk, next); break;
+          case 2: lora_group<T, 2>(xs, outs, a_slot, b_slot, rank, in, stack.width, shrunk, next); break;
+          case 3: lora_group<T, 3>(xs, outs, a_slot, b_slot, rank, in, stack.width, shrunk, next); break;
+          default: lora_group<T, kLoraTokens>(xs, outs, a_slot, b_slot, rank, in, stack.width, shrunk, next); break;
+        }
+      },
+      [] { lora_prefetched_task = -1; }, [] {});
 }
 
-void lora_delta_(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b_t, const at::Tensor& slots,
-                 const at::Tensor& ranks, at::Tensor out) {
+void lora_delta_(const at::Tensor& x, const at::Tensor& slots, at::TensorList a, at::TensorList b_t,
+                 at::TensorList ranks, at::IntArrayRef columns, at::Tensor out) {
   check_cpu(x, "x");
   check_cpu(out, "out");
-  TORCH_CHECK(a.is_contiguous() && b_t.is_contiguous() && a.dim() == 3 && b_t.dim() == 3 &&
-              a.size(0) == b_t.size(0) && a.size(1) == b_t.size(1),
-              "a [pool, rank, in] and b_t [pool, rank, out], contiguous");
-  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && x.size(0) == out.size(0) && x.size(1) == a.size(2) &&
-              out.size(1) == b_t.size(2), "x [tokens, in], out [tokens, out] to match the pool");
-  TORCH_CHECK(x.scalar_type() == a.scalar_type() && b_t.scalar_type() == a.scalar_type() &&
-              out.scalar_type() == a.scalar_type(), "x, a, b_t and out must share a dtype");
+  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && x.size(0) == out.size(0), "x [tokens, in] and out [tokens, columns]");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == x.size(0),
               "slots: one int64 per token");
-  TORCH_CHECK(ranks.scalar_type() == at::kLong && ranks.is_contiguous() && ranks.numel() == a.size(0),
-              "ranks: one int64 per pool slot");
-  check_range(slots, -1, a.size(0), "a slot outside the pool");
-  check_range(ranks, 0, a.size(1) + 1, "a rank outside the pool's");
+  TORCH_CHECK(b_t.size() == a.size() && ranks.size() == a.size() && columns.size() == a.size(),
+              "one b_t, ranks and first column per stack");
+  for (size_t k = 0; k < a.size(); ++k) {
+    TORCH_CHECK(a[k].is_contiguous() && b_t[k].is_contiguous() && a[k].dim() == 3 && b_t[k].dim() == 3 &&
+                a[k].size(0) == b_t[k].size(0) && a[k].size(1) == b_t[k].size(1) && a[k].size(2) == x.size(1),
+                "a [pool, rank, in] and b_t [pool, rank, width], contiguous, for x [tokens, in]");
+    TORCH_CHECK(x.scalar_type() == a[k].scalar_type() && b_t[k].scalar_type() == a[k].scalar_type() &&
+                out.scalar_type() == a[k].scalar_type(), "x, a, b_t and out must share a dtype");
+    TORCH_CHECK(columns[k] >= 0 && columns[k] + b_t[k].size(2) <= out.size(1), "a stack's columns outside out");
+    TORCH_CHECK(ranks[k].scalar_type() == at::kLong && ranks[k].is_contiguous() && ranks[k].numel() == a[k].size(0),
+                "ranks: one int64 per pool slot");
+    check_range(slots, -1, a[k].size(0), "a slot outside the pool");
+    check_range(ranks[k], 0, a[k].size(1) + 1, "a rank outside the pool's");
+  }
+  if (a.empty()) return;
   DISPATCH_MODEL_DTYPES(x.scalar_type(), "lora_delta_", [&] {
-    lora_delta_impl<scalar_t>(x, a, b_t, slots, ranks, out);
+    lora_delta_impl<scalar_t>(x, slots, a, b_t, ranks, columns, out);
   });
 }
 
@@ -734,7 +807,8 @@ TORCH_LIBRARY(adapter_service, m) {
   m.def("rotary_(Tensor(a!) qkv, int rotated_heads, int dim, Tensor cos, Tensor sin, Tensor positions) -> ()");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("column_max(Tensor logits) -> (Tensor, Tensor)");
-  m.def("lora_delta_(Tensor x, Tensor a, Tensor b_t, Tensor slots, Tensor ranks, Tensor(a!) out) -> ()");
+  m.def("lora_delta_(Tensor x, Tensor slots, Tensor[] a, Tensor[] b_t, Tensor[] ranks, int[] columns, "
+        "Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(adapter_service, CPU, m) {
