@@ -3,11 +3,12 @@
 The resident pools (gathered LoRA, IA3) stay the single home of adapter tensors; this maps the owned forward's
 (layer, module) to their stacks and gives each step the rows' slots. A prompt chunk (many tokens of one row) uses
 its adapter's matrices directly. With the fused CPU kernels, every token's delta comes from one kernel call per
-fused matmul (q and v of one q/k/v output together) that reads the adapters straight from the pool, the tokens of one adapter together and only its own rank's
-rows (``lora_delta_``, after Punica's SGMV): adapter bytes read per step are the cost there. Without them,
-decode rows (one token each) read their LoRA matrices from ``RowLora``: a copy per cache slot, written when a row
-is admitted, so a step takes a view of the rows' span like the KV cache does, where gathering every row's matrices
-again whenever a row joined or left cost more than the LoRA matmuls themselves.
+fused matmul (q and v of one q/k/v output together) that reads the adapters straight from the pool, the tokens of
+one adapter together and only its own rank's rows (``lora_delta_``, after Punica's SGMV): adapter bytes read per
+step are the cost there. Without them, decode rows (one token each) read their LoRA matrices from ``RowLora``: a
+copy per cache slot, written when a row is admitted, so a step takes a view of the rows' span like the KV cache
+does, where gathering every row's matrices again whenever a row joined or left cost more than the LoRA matmuls
+themselves.
 """
 
 from __future__ import annotations
