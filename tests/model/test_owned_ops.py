@@ -177,14 +177,14 @@ def test_lora_kernel_adds_every_stack_of_a_fused_output_in_one_call(dtype: torch
     stack's columns the bits a call of its own gives them; the columns between stay as they were, and a slot with
     no rows in one stack (an adapter on q only) gets only the other's delta."""
     generator = torch.Generator().manual_seed(6)
-    pool, width_in, tokens = 4, 48, 9
+    pool, width_in, tokens = 4, 48, 16
     widths, pool_ranks, firsts = (32, 16), (16, 8), (0, 48)
     a = [torch.randn(pool, r, width_in, generator=generator).to(dtype) for r in pool_ranks]
     b_t = [torch.randn(pool, r, w, generator=generator).to(dtype) for r, w in zip(pool_ranks, widths)]
     ranks = [torch.tensor([16, 8, 16, 0]), torch.tensor([8, 0, 4, 8])]
     x = torch.randn(tokens, width_in, generator=generator).to(dtype)
     fused = torch.randn(tokens, 64, generator=generator).to(dtype)
-    slots = torch.tensor([0, 1, 2, 3, -1, 1, 0, 2, 3])
+    slots = torch.tensor([0, 1, 2, 3, -1, 1, 0, 2, -1, 0, 0, 0, 0, 1, 1, 2])  # groups of 1, 2, 3 and 4 tokens
     together = fused.clone()
     torch.ops.adapter_service.lora_delta_(x, slots, a, b_t, ranks, list(firsts), together)
     apart = fused.clone()
@@ -192,11 +192,13 @@ def test_lora_kernel_adds_every_stack_of_a_fused_output_in_one_call(dtype: torch
         torch.ops.adapter_service.lora_delta_(x, slots, [a[k]], [b_t[k]], [ranks[k]], [firsts[k]], apart)
     assert torch.equal(together, apart)
     assert torch.equal(together[:, 32:48], fused[:, 32:48])
-    assert torch.equal(together[4], fused[4])
+    assert torch.equal(together[4], fused[4]) and torch.equal(together[8], fused[8])
     assert torch.equal(together[1, 48:], fused[1, 48:]) and not torch.equal(together[1, :32], fused[1, :32])
     assert torch.equal(together[3, :32], fused[3, :32]) and not torch.equal(together[3, 48:], fused[3, 48:])
     with pytest.raises(RuntimeError, match="columns outside out"):
         torch.ops.adapter_service.lora_delta_(x, slots, a, b_t, ranks, [0, 49], together)
+    with pytest.raises(RuntimeError, match="columns overlap"):
+        torch.ops.adapter_service.lora_delta_(x, slots, a, b_t, ranks, [0, 24], together)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -109,6 +109,9 @@ class LayerLora:
     may replace them (a larger rank) even where it fails and the pool's version stays."""
 
     def __init__(self, stacks: list[tuple[slice, ModuleStack]]) -> None:
+        for columns, stack in stacks:  # the kernel takes a stack's first column; its width is the stack's own
+            if columns.stop is not None and columns.stop - (columns.start or 0) != stack.b_t.shape[2]:
+                raise ValueError(f"a LoRA stack of {stack.b_t.shape[2]} outputs for columns {columns}")
         self.stacks = stacks
         self.columns = [columns.start or 0 for columns, _ in stacks]
 

@@ -666,7 +666,10 @@ void lora_delta_impl(const at::Tensor& x, const at::Tensor& slots, at::TensorLis
       [&](int64_t task) {
         constexpr int64_t kStackRank = 64;  // ranks up to this use a buffer on the stack (no allocation per task)
         float stack_buffer[kLoraTokens * kStackRank];
-        std::vector<float> heap_buffer(max_rank > kStackRank ? kLoraTokens * max_rank : 0);
+        thread_local std::vector<float> heap_buffer;  // larger ranks: one buffer per thread, grown as needed
+        if (max_rank > kStackRank && static_cast<int64_t>(heap_buffer.size()) < kLoraTokens * max_rank) {
+          heap_buffer.resize(kLoraTokens * max_rank);
+        }
         float* shrunk = max_rank > kStackRank ? heap_buffer.data() : stack_buffer;
         if (lora_prefetched_task != task) {  // a thread's first task, or one taken from another's range
           LinePrefetcher own = rows_of(task);
@@ -705,18 +708,25 @@ void lora_delta_(const at::Tensor& x, const at::Tensor& slots, at::TensorList a,
               "slots: one int64 per token");
   TORCH_CHECK(b_t.size() == a.size() && ranks.size() == a.size() && columns.size() == a.size(),
               "one b_t, ranks and first column per stack");
+  std::vector<std::pair<int64_t, int64_t>> spans;  // each stack's [first, last) columns of out
   for (size_t k = 0; k < a.size(); ++k) {
+    check_cpu(a[k], "a");
+    check_cpu(b_t[k], "b_t");
     TORCH_CHECK(a[k].is_contiguous() && b_t[k].is_contiguous() && a[k].dim() == 3 && b_t[k].dim() == 3 &&
                 a[k].size(0) == b_t[k].size(0) && a[k].size(1) == b_t[k].size(1) && a[k].size(2) == x.size(1),
                 "a [pool, rank, in] and b_t [pool, rank, width], contiguous, for x [tokens, in]");
     TORCH_CHECK(x.scalar_type() == a[k].scalar_type() && b_t[k].scalar_type() == a[k].scalar_type() &&
                 out.scalar_type() == a[k].scalar_type(), "x, a, b_t and out must share a dtype");
-    TORCH_CHECK(columns[k] >= 0 && columns[k] + b_t[k].size(2) <= out.size(1), "a stack's columns outside out");
+    TORCH_CHECK(columns[k] >= 0 && columns[k] <= out.size(1) - b_t[k].size(2), "a stack's columns outside out");
+    spans.emplace_back(columns[k], columns[k] + b_t[k].size(2));
     TORCH_CHECK(ranks[k].scalar_type() == at::kLong && ranks[k].is_contiguous() && ranks[k].numel() == a[k].size(0),
                 "ranks: one int64 per pool slot");
     check_range(slots, -1, a[k].size(0), "a slot outside the pool");
     check_range(ranks[k], 0, a[k].size(1) + 1, "a rank outside the pool's");
   }
+  // Stacks sharing columns would have two threads add into the same values at once.
+  std::sort(spans.begin(), spans.end());
+  for (size_t k = 1; k < spans.size(); ++k) TORCH_CHECK(spans[k - 1].second <= spans[k].first, "stacks' columns overlap");
   if (a.empty()) return;
   DISPATCH_MODEL_DTYPES(x.scalar_type(), "lora_delta_", [&] {
     lora_delta_impl<scalar_t>(x, slots, a, b_t, ranks, columns, out);
