@@ -640,11 +640,14 @@ void lora_delta_impl(const at::Tensor& x, const at::Tensor& slots, at::TensorLis
   }
   starts.push_back(static_cast<int64_t>(order.size()));
   // Tasks: each group against each stack its slot has rows in, a group's stacks together (its tokens stay cached).
-  std::vector<std::pair<int64_t, int64_t>> tasks;  // (group, stack)
+  struct Task {
+    int64_t group, stack, slot, rank;
+  };
+  std::vector<Task> tasks;
   for (int64_t g = 0; g + 1 < static_cast<int64_t>(starts.size()); ++g) {
     const int64_t slot = slot_ptr[order[starts[g]]];
     for (int64_t k = 0; k < static_cast<int64_t>(stacks.size()); ++k) {
-      if (stacks[k].ranks[slot] > 0) tasks.emplace_back(g, k);
+      if (stacks[k].ranks[slot] > 0) tasks.push_back({g, k, slot, stacks[k].ranks[slot]});
     }
   }
   const int64_t task_count = static_cast<int64_t>(tasks.size());
@@ -652,13 +655,12 @@ void lora_delta_impl(const at::Tensor& x, const at::Tensor& slots, at::TensorLis
   const auto rows_of = [&](int64_t task) {
     LinePrefetcher lines;
     if (task < 0 || task >= task_count) return lines;
-    const auto [g, k] = tasks[task];
-    const LoraStack<T>& stack = stacks[k];
-    const int64_t slot = slot_ptr[order[starts[g]]], rank = stack.ranks[slot];
-    lines.start[0] = reinterpret_cast<const char*>(stack.a_rows(slot, in));
-    lines.lines[0] = (rank * in * static_cast<int64_t>(sizeof(T)) + 63) / 64;
-    lines.start[1] = reinterpret_cast<const char*>(stack.b_rows(slot));
-    lines.lines[1] = (rank * stack.width * static_cast<int64_t>(sizeof(T)) + 63) / 64;
+    const Task& t = tasks[task];
+    const LoraStack<T>& stack = stacks[t.stack];
+    lines.start[0] = reinterpret_cast<const char*>(stack.a_rows(t.slot, in));
+    lines.lines[0] = (t.rank * in * static_cast<int64_t>(sizeof(T)) + 63) / 64;
+    lines.start[1] = reinterpret_cast<const char*>(stack.b_rows(t.slot));
+    lines.lines[1] = (t.rank * stack.width * static_cast<int64_t>(sizeof(T)) + 63) / 64;
     return lines;
   };
   adapter_service::parallel_for_stealing(
@@ -677,18 +679,17 @@ void lora_delta_impl(const at::Tensor& x, const at::Tensor& slots, at::TensorLis
         }
         LinePrefetcher next = rows_of(task + 1);
         lora_prefetched_task = task + 1;
-        const auto [g, k] = tasks[task];
-        const LoraStack<T>& stack = stacks[k];
-        const int64_t first = starts[g], count = starts[g + 1] - first;
-        const int64_t slot = slot_ptr[order[first]], rank = stack.ranks[slot];
+        const Task& t = tasks[task];
+        const LoraStack<T>& stack = stacks[t.stack];
+        const int64_t first = starts[t.group], count = starts[t.group + 1] - first, rank = t.rank;
         const T* xs[kLoraTokens];
         T* outs[kLoraTokens];
         for (int64_t j = 0; j < count; ++j) {
           xs[j] = x_ptr + order[first + j] * x_stride;
           outs[j] = o_ptr + order[first + j] * o_stride + stack.column;
         }
-        const T* a_slot = stack.a_rows(slot, in);
-        const T* b_slot = stack.b_rows(slot);
+        const T* a_slot = stack.a_rows(t.slot, in);
+        const T* b_slot = stack.b_rows(t.slot);
         switch (count) {
           case 1: lora_group<T, 1>(xs, outs, a_slot, b_slot, rank, in, stack.width, shrunk, next); break;
           case 2: lora_group<T, 2>(xs, outs, a_slot, b_slot, rank, in, stack.width, shrunk, next); break;
@@ -709,6 +710,7 @@ void lora_delta_(const at::Tensor& x, const at::Tensor& slots, at::TensorList a,
   TORCH_CHECK(b_t.size() == a.size() && ranks.size() == a.size() && columns.size() == a.size(),
               "one b_t, ranks and first column per stack");
   std::vector<std::pair<int64_t, int64_t>> spans;  // each stack's [first, last) columns of out
+  int64_t pool = std::numeric_limits<int64_t>::max();  // slots every stack has
   for (size_t k = 0; k < a.size(); ++k) {
     check_cpu(a[k], "a");
     check_cpu(b_t[k], "b_t");
@@ -721,13 +723,16 @@ void lora_delta_(const at::Tensor& x, const at::Tensor& slots, at::TensorList a,
     spans.emplace_back(columns[k], columns[k] + b_t[k].size(2));
     TORCH_CHECK(ranks[k].scalar_type() == at::kLong && ranks[k].is_contiguous() && ranks[k].numel() == a[k].size(0),
                 "ranks: one int64 per pool slot");
-    check_range(slots, -1, a[k].size(0), "a slot outside the pool");
     check_range(ranks[k], 0, a[k].size(1) + 1, "a rank outside the pool's");
+    pool = std::min(pool, a[k].size(0));
   }
   // Stacks sharing columns would have two threads add into the same values at once.
   std::sort(spans.begin(), spans.end());
-  for (size_t k = 1; k < spans.size(); ++k) TORCH_CHECK(spans[k - 1].second <= spans[k].first, "stacks' columns overlap");
+  for (size_t k = 1; k < spans.size(); ++k) {
+    TORCH_CHECK(spans[k - 1].second <= spans[k].first, "stacks' columns overlap");
+  }
   if (a.empty()) return;
+  check_range(slots, -1, pool, "a slot outside the pool");
   DISPATCH_MODEL_DTYPES(x.scalar_type(), "lora_delta_", [&] {
     lora_delta_impl<scalar_t>(x, slots, a, b_t, ranks, columns, out);
   });
