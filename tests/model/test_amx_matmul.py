@@ -3,10 +3,12 @@ blocks included), on one thread or a team; bad input is refused with a message, 
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
-from service.model.owned.kernels import amx_matmul_available, cpu_kernels_available
+from service.model.owned.kernels import amx_matmul_available, cpu_kernels_available, kernel_threads
 from service.model.owned.matmul import Matmul, Packing, amx_head_applies, choose_packing, head_logits
 
 pytestmark = pytest.mark.skipif(not amx_matmul_available(), reason="this CPU has no AMX with bf16")
@@ -62,6 +64,48 @@ def test_one_thread_and_a_team_agree(rows: int, out_features: int, in_features: 
     assert torch.equal(alone, together)  # each output block is one thread's, summed in the same order
 
 
+def test_threads_calling_at_once_each_get_their_own_product() -> None:
+    """The kernels' team runs one caller's loop at a time; a second caller meanwhile runs its loop itself."""
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(3072, 576, generator=generator).to(torch.bfloat16)
+    inputs = [torch.randn(64, 576, generator=generator).to(torch.bfloat16) for _ in range(4)]
+    packed = torch.ops.adapter_service.amx_pack(weight)
+    expected = [torch.ops.adapter_service.amx_linear(x, packed, 3072, None) for x in inputs]
+    results: dict[int, list[bool]] = {}
+
+    def call(index: int) -> None:
+        torch.set_num_threads(2)
+        results[index] = [torch.equal(torch.ops.adapter_service.amx_linear(inputs[index], packed, 3072, None),
+                                      expected[index]) for _ in range(50)]
+
+    threads = [threading.Thread(target=call, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(all(same) for same in results.values()) and len(results) == 4
+
+
+def test_kernel_threads_hand_the_count_to_the_team_and_give_it_back() -> None:
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(960, 576, generator=generator).to(torch.bfloat16)
+    x = torch.randn(40, 576, generator=generator).to(torch.bfloat16)
+    packed = torch.ops.adapter_service.amx_pack(weight)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        outside = torch.ops.adapter_service.amx_linear(x, packed, 960, None)
+        with kernel_threads():
+            assert torch.get_num_threads() == 1  # torch's own ops: one thread
+            inside = torch.ops.adapter_service.amx_linear(x, packed, 960, None)
+            with pytest.raises(RuntimeError, match="packed weight"):  # a refusal inside leaves the count as it was
+                torch.ops.adapter_service.amx_linear(x, packed, 961, None)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(inside, outside)
+
+
 def test_strided_and_empty_inputs() -> None:
     weight = torch.randn(96, 64).to(torch.bfloat16)
     packed = torch.ops.adapter_service.amx_pack(weight)
@@ -115,8 +159,10 @@ def test_the_head_reads_its_dense_weight_as_the_left_operand() -> None:
     assert not amx_head_applies(head[:, :40].contiguous(), None, Packing.AMX)  # K not whole 32-value steps
     assert not amx_head_applies(head[::2], None, Packing.AMX)  # not contiguous
     assert not amx_head_applies(head, None, Packing.ONEDNN)
-    for rows in (1, 16, 33, 64, 129):  # 129: past the rows the kernel splits this way, torch does it
+    for rows in (1, 16, 33, 64, 129, 300):  # past 128 rows: in groups of 128, the same numbers as one call each
         hidden = torch.randn(rows, 64, generator=generator).to(torch.bfloat16)
         logits = head_logits(hidden, head)
         assert logits.shape == (rows, 3000)
         _assert_within_rounding(logits, _reference(hidden, head, None))
+        if rows > 128:
+            assert torch.equal(logits[128:129], head_logits(hidden[128:129], head))

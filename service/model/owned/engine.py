@@ -88,7 +88,7 @@ class OwnedEngine:
         device = self._runner.base.device
         self._waiting += [_Row(handle=handle, adapter=adapter, job=job, generator=generator)
                           for (handle, adapter, job), generator in seeded(admitted, device, events)]
-        with torch.inference_mode():
+        with torch.inference_mode(), self._owned.step_threads():
             self._drop_cancelled(events)
             self._claim_slots(events)
             if self._rows:

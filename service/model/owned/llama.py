@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 
 from service.model.owned.batch import StepBatch
 from service.model.owned.matmul import Matmul, Packing, amx_head_applies, fuse, head_logits
-from service.model.owned.ops import StepOps, step_ops
+from service.model.owned.ops import KernelOps, StepOps, step_ops
 from service.model.owned.slot_cache import SlotCache
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -118,6 +118,13 @@ class LlamaForward:
         scaling = rotary.attention_scaling
         self.cos = (angles.cos() * scaling).to(self.embed.dtype)
         self.sin = (angles.sin() * scaling).to(self.embed.dtype)
+
+    @property
+    def kernels_only(self) -> bool:
+        """Whether every matmul and step op of a step runs in the service's kernels (none in torch's own)."""
+        return (isinstance(self.ops, KernelOps) and self.amx_head
+                and all(m.packing is Packing.AMX for layer in self.layers
+                        for m in (layer.qkv, layer.o, layer.gate_up, layer.down)))
 
     @property
     def dtype(self) -> torch.dtype:

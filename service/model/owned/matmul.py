@@ -76,7 +76,7 @@ class Matmul:
         return out.view(*x.shape[:-1], self.out_features)
 
 
-_HEAD_MAX_ROWS = 128  # rows up to which the AMX kernel splits a transposed head's vocabulary among its threads
+_HEAD_MAX_ROWS = 128  # rows the AMX kernel takes in one call against a transposed head (its vocabulary split)
 
 
 def amx_head_applies(weight: torch.Tensor, bias: torch.Tensor | None, packing: Packing) -> bool:
@@ -91,11 +91,12 @@ def head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     The head (often the tied embedding, which must stay dense for lookups) is the AMX kernel's left operand, read
     as it lies; the few rows of ``hidden`` are packed per call as its right one. A packed copy of the head would
     cost its size again. Measured against oneDNN's ``weight @ hidden.T`` on SmolLM2's head, cold: 1 row 5.2 -> 2.9
-    ms, 16 rows 2.8 -> 2.5, 32 rows 6.1 -> 2.9, 64 rows even. Past ``_HEAD_MAX_ROWS`` oneDNN does it."""
-    if hidden.shape[0] > _HEAD_MAX_ROWS:
-        return torch.mm(weight, hidden.t()).t()
+    ms, 16 rows 2.8 -> 2.5, 32 rows 6.1 -> 2.9, 64 rows even. More rows than ``_HEAD_MAX_ROWS`` go in groups of
+    that many, so the head stays in the kernels (a step then opens no OpenMP team: ``kernels.kernel_threads``)."""
     ops = torch.ops.adapter_service
-    return ops.amx_linear(weight, ops.amx_pack(hidden.contiguous()), hidden.shape[0], None).t()
+    parts = [ops.amx_linear(weight, ops.amx_pack(group.contiguous()), group.shape[0], None)
+             for group in hidden.split(_HEAD_MAX_ROWS)]
+    return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).t()
 
 
 class _SharedOutput:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
 from service.model.gathered import GatheredLora
 from service.model.ia3 import IA3Pool
 from service.model.loading import BaseModel
+from service.model.owned.kernels import kernel_threads
 from service.model.owned.llama import LlamaForward, unsupported_reason
 from service.model.owned.matmul import choose_packing
 from service.model.owned.ops import KernelOps
@@ -25,6 +27,10 @@ class OwnedModel:
     cache: SlotCache
     adapters: OwnedAdapters
     max_batch_tokens: int
+
+    def step_threads(self) -> contextlib.AbstractContextManager[None]:
+        """The threading a step runs under: the kernels' team alone where they do all of it."""
+        return kernel_threads() if self.forward.kernels_only else contextlib.nullcontext()
 
 
 def build_owned(base: BaseModel, gathered: GatheredLora, ia3: IA3Pool, limits: CacheLimits,

@@ -749,7 +749,7 @@ void column_max_impl(const at::Tensor& logits, at::Tensor& top, at::Tensor& inde
   const int64_t vocab = logits.size(0), rows = logits.size(1);
   const T* base = logits.data_ptr<T>();
   const int64_t stride = logits.stride(0);
-  const int threads = std::max<int>(1, std::min<int>(at::get_num_threads(), static_cast<int>(vocab / 1024 + 1)));
+  const int threads = std::max<int>(1, std::min<int>(adapter_service::team_size(), static_cast<int>(vocab / 1024 + 1)));
   std::vector<float> best(threads * rows, -std::numeric_limits<float>::infinity());
   std::vector<int64_t> where(threads * rows, 0);
   parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
@@ -813,9 +813,23 @@ std::tuple<at::Tensor, at::Tensor> column_max(const at::Tensor& logits) {
   return {top, index};
 }
 
+// Hands this thread's torch thread count to the kernels' team alone (on), torch's own ops then running on one
+// thread so that OpenMP opens no team of its own beside the kernels' during a step; or gives it back (off).
+void kernel_threads(bool on) {
+  int& kept = adapter_service::kernel_threads;
+  if (on && kept == 0) {
+    kept = at::get_num_threads();
+    omp_set_num_threads(1);  // this thread's OpenMP count only: torch's default for new threads is untouched
+  } else if (!on && kept != 0) {
+    omp_set_num_threads(kept);
+    kept = 0;
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(adapter_service, m) {
+  m.def("kernel_threads(bool on) -> ()", kernel_threads);
   m.def("slot_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, Tensor slots, "
         "Tensor positions, float scale) -> Tensor");
   m.def("add_rms_norm(Tensor(a!) x, Tensor? residual, Tensor weight, float eps) -> Tensor");

@@ -2,12 +2,24 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+#include <linux/futex.h>
 #include <omp.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <climits>
+#include <cstdlib>
 #include <cstdint>
 #include <exception>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 namespace adapter_service {
@@ -17,26 +29,185 @@ namespace adapter_service {
 // model thread runs with more threads than that default (service/model/threads.py), so this extension splits its
 // loops itself, with the count libtorch already holds for the calling thread.
 
-// Runs part(thread, team) on each thread of a team; an exception may not leave an OpenMP region, so the first one
-// thrown is rethrown after it.
+// The kernels' own thread team: the calling thread and `threads - 1` workers kept for the process, with no
+// barrier. OpenMP ends every region at a barrier, so the model thread waits there for each worker, even one that
+// had nothing to do and was merely descheduled (by the HTTP side or the client: a served decode step took 1.5x
+// the same step in one process). Here a region's parts are claimed one at a time through one atomic word (the
+// region's number, the parts claimed, the parts in all), by whichever thread is free: a worker the OS has taken
+// off its core claims nothing, the caller runs its parts too, and returns as soon as every claimed part is done.
+// Workers spin a little between regions (a step runs hundreds back to back), then sleep on a futex.
+namespace team {
+
+inline void relax() {
+#if defined(__x86_64__)
+  _mm_pause();
+#endif
+}
+
+inline int microseconds_setting(const char* name, int fallback) {
+  const char* text = std::getenv(name);
+  return text ? std::max(0, std::atoi(text)) : fallback;
+}
+
+// How long an idle worker spins on its core for the next region, then how long it keeps polling while yielding
+// its core to any other thread that wants it, before it sleeps.
+inline int spin_microseconds() {
+  static const int value = microseconds_setting("ADAPTER_SERVICE_TEAM_SPIN_US", 50);
+  return value;
+}
+
+inline int yield_microseconds() {
+  static const int value = microseconds_setting("ADAPTER_SERVICE_TEAM_YIELD_US", 2000);
+  return value;
+}
+
+inline thread_local bool in_team = false;  // this thread is running a part: loops inside it run inline
+
+struct Region {
+  void (*call)(const void*, int, int) = nullptr;
+  const void* context = nullptr;
+};
+
+class Team {
+ public:
+  static Team& instance() {
+    static Team* team = new Team();  // never destroyed: its workers outlive static destruction
+    return *team;
+  }
+
+  // Runs call(context, part, parts) for every part in [0, parts), on this thread and the workers; false if another
+  // thread is running a region now (the caller then runs the parts itself).
+  bool run(int parts, const void* context, void (*call)(const void*, int, int), std::exception_ptr& error) {
+    std::unique_lock<std::mutex> owner(running_, std::try_to_lock);
+    if (!owner.owns_lock()) return false;
+    grow(parts - 1);
+    region_.call = call;
+    region_.context = context;
+    error_ = nullptr;
+    done_.store(0, std::memory_order_relaxed);
+    number_ = (number_ + 1) & 0xffffffffu;
+    word_.store(number_ << 32 | static_cast<uint64_t>(parts), std::memory_order_seq_cst);
+    if (sleeping_.load(std::memory_order_seq_cst) > 0) {
+      wake_.fetch_add(1, std::memory_order_seq_cst);
+      syscall(SYS_futex, reinterpret_cast<uint32_t*>(&wake_), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0);
+    }
+    while (claim_and_run()) {
+    }
+    for (int spins = 0; done_.load(std::memory_order_acquire) < parts; ++spins) {
+      if (spins < 4096) {
+        relax();
+      } else {
+        sched_yield();  // a worker holding a part was taken off its core: let it back on
+      }
+    }
+    error = error_;
+    return true;
+  }
+
+ private:
+  Team() = default;
+
+  // Claims the region's next part, if any is left, and runs it; false when none was.
+  bool claim_and_run() {
+    uint64_t word = word_.load(std::memory_order_acquire);
+    while (true) {
+      const uint64_t parts = word & 0xffff, claimed = word >> 16 & 0xffff;
+      if (claimed >= parts) return false;
+      if (word_.compare_exchange_weak(word, word + (uint64_t{1} << 16), std::memory_order_acq_rel)) {
+        // The region cannot end (nor its description change) before this part is counted done.
+        const Region region = region_;
+        const bool outer = in_team;
+        in_team = true;
+        try {
+          region.call(region.context, static_cast<int>(claimed), static_cast<int>(parts));
+        } catch (...) {
+          std::lock_guard<std::mutex> guard(error_lock_);
+          if (!error_) error_ = std::current_exception();
+        }
+        in_team = outer;
+        done_.fetch_add(1, std::memory_order_acq_rel);
+        return true;
+      }
+    }
+  }
+
+  void grow(int workers) {
+    while (static_cast<int>(workers_) < workers) {
+      std::thread([this] { work(); }).detach();
+      ++workers_;
+    }
+  }
+
+  void work() {
+    using clock = std::chrono::steady_clock;
+    while (true) {
+      const auto started = clock::now();
+      const auto spin_until = started + std::chrono::microseconds(spin_microseconds());
+      const auto yield_until = spin_until + std::chrono::microseconds(yield_microseconds());
+      int polls = 0;
+      bool ran = false;
+      while (!ran) {
+        if (claim_and_run()) {
+          ran = true;
+          break;
+        }
+        if ((++polls & 63) == 0) {
+          const auto now = clock::now();
+          if (now >= yield_until) break;
+          if (now >= spin_until) {
+            sched_yield();
+            continue;
+          }
+        }
+        relax();
+      }
+      if (ran) continue;  // start waiting afresh
+      const uint32_t ticket = wake_.load(std::memory_order_seq_cst);
+      sleeping_.fetch_add(1, std::memory_order_seq_cst);
+      const uint64_t word = word_.load(std::memory_order_seq_cst);
+      if ((word >> 16 & 0xffff) >= (word & 0xffff)) {
+        syscall(SYS_futex, reinterpret_cast<uint32_t*>(&wake_), FUTEX_WAIT_PRIVATE, ticket, nullptr, nullptr, 0);
+      }
+      sleeping_.fetch_sub(1, std::memory_order_seq_cst);
+    }
+  }
+
+  std::mutex running_;  // one region at a time
+  std::atomic<uint64_t> word_{0};  // region number << 32 | parts claimed << 16 | parts
+  std::atomic<int> done_{0};
+  std::atomic<uint32_t> wake_{0};  // futex word: bumped to wake sleeping workers
+  std::atomic<int> sleeping_{0};
+  uint64_t number_ = 0;
+  Region region_;
+  std::mutex error_lock_;
+  std::exception_ptr error_;
+  int workers_ = 0;
+};
+
+}  // namespace team
+
+// Runs part(thread, team) once for each thread number of a team of `threads`, on whichever threads of the team
+// are free (one thread may run several); the first exception thrown is rethrown after every part has run.
 template <typename F>
 void run_team(int threads, const F& part) {
+  const auto call = [](const void* context, int thread, int team) { (*static_cast<const F*>(context))(thread, team); };
   std::exception_ptr error;
-#pragma omp parallel num_threads(threads)
-  {
-    try {
-      part(omp_get_thread_num(), omp_get_num_threads());
-    } catch (...) {
-#pragma omp critical(adapter_service_error)
-      if (!error) error = std::current_exception();
-    }
+  if (!team::Team::instance().run(threads, &part, call, error)) {
+    for (int thread = 0; thread < threads; ++thread) part(thread, threads);
+    return;
   }
   if (error) std::rethrow_exception(error);
 }
 
+// The threads of a team started on this thread: torch's count for it, unless `kernel_threads` handed that count
+// to the kernels alone (torch's own ops then run on one).
+inline thread_local int kernel_threads = 0;
+
+inline int team_size() { return std::min(kernel_threads > 0 ? kernel_threads : at::get_num_threads(), 0xffff); }
+
 inline int team_for(int64_t items, int64_t grain) {
-  const int threads = at::get_num_threads();
-  return items < grain || threads == 1 || omp_in_parallel() ? 1 : threads;
+  const int threads = team_size();
+  return items < grain || threads == 1 || team::in_team || omp_in_parallel() ? 1 : threads;
 }
 
 // Contiguous equal shares, as at::parallel_for splits: for loops whose items cost the same.
