@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 # after every step left the model thread idle while the loop, busy streaming the last step's tokens to 64 clients,
 # got round to submitting the next (7% of the model thread's time at 64 streams).
 _RUN_AHEAD_STEPS = 16
+# How long, in max_waits, an idle batcher waits on for a wave of generation requests still arriving.
+_BURST_WAITS = 8
 
 # A group runner takes (key, payloads, report) and returns one result or exception per payload; it may call
 # report(index, value) from its thread to hand a payload's partial result (streamed text) to its request.
@@ -147,7 +149,13 @@ class Batcher:
             self._on_depth(self._queue.qsize())
             return batch
         batch = [await self._queue.get()]
-        deadline = time.perf_counter() + self._max_wait
+        # Nothing runs: wait up to max_wait for more. While generation requests keep arriving (a wave of clients,
+        # read by this loop at a millisecond or so each), wait on until max_wait passes with none, up to
+        # _BURST_WAITS times max_wait: a wave cut short starts with the part read so far, and the rest, read
+        # during that part's long prompt step, join behind it a few prompts a step.
+        first = time.perf_counter()
+        deadline = first + self._max_wait
+        last_call = first + _BURST_WAITS * self._max_wait
         while len(batch) < self._max_batch_size:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
@@ -155,9 +163,12 @@ class Batcher:
                     batch.append(self._queue.get_nowait())
                 break
             try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                item = await asyncio.wait_for(self._queue.get(), remaining)
             except TimeoutError:
                 break
+            batch.append(item)
+            if self._continuous(item.key):
+                deadline = max(deadline, min(last_call, time.perf_counter() + self._max_wait))
         self._on_depth(self._queue.qsize())
         return batch
 
