@@ -66,7 +66,7 @@ class Settings(BaseSettings):
         description="Owned forward: bytes of keys/values for all running rows; a request waits until it fits.",
     )
     max_batch_tokens: int = Field(
-        default=1024, ge=1,
+        default=2048, ge=1,
         description="Owned forward: tokens in one step (a token per running row, then prompt chunks).",
     )
     cpu_kernels: Literal["auto", "off"] = Field(

@@ -31,7 +31,7 @@ class CacheLimits:
     slots: int = 64  # rows running at once
     cache_bytes: int = 2 * 1024**3  # keys/values of every running row together
     row_tokens: int = 2048 + 256 + 1024  # the longest row a request may make (prompt, virtual and new tokens)
-    max_batch_tokens: int = 1024  # tokens in one forward: decode rows plus prompt chunks
+    max_batch_tokens: int = 2048  # tokens in one forward: decode rows plus prompt chunks
     cpu_kernels: bool = True  # the fused CPU kernels where they build (else torch ops)
     amx_matmul: bool = True  # bf16 matmuls in the service's AMX kernel where the CPU has AMX (else oneDNN)
 
