@@ -65,7 +65,8 @@ def test_one_thread_and_a_team_agree(rows: int, out_features: int, in_features: 
 
 
 def test_threads_calling_at_once_each_get_their_own_product() -> None:
-    """The kernels' team runs one caller's loop at a time; a second caller meanwhile runs its loop itself."""
+    """The kernels' team (inside kernel_threads) runs one caller's loop at a time; a second caller meanwhile runs
+    its loop itself."""
     generator = torch.Generator().manual_seed(2)
     weight = torch.randn(3072, 576, generator=generator).to(torch.bfloat16)
     inputs = [torch.randn(64, 576, generator=generator).to(torch.bfloat16) for _ in range(4)]
@@ -75,8 +76,9 @@ def test_threads_calling_at_once_each_get_their_own_product() -> None:
 
     def call(index: int) -> None:
         torch.set_num_threads(2)
-        results[index] = [torch.equal(torch.ops.adapter_service.amx_linear(inputs[index], packed, 3072, None),
-                                      expected[index]) for _ in range(50)]
+        with kernel_threads():
+            results[index] = [torch.equal(torch.ops.adapter_service.amx_linear(inputs[index], packed, 3072, None),
+                                          expected[index]) for _ in range(50)]
 
     threads = [threading.Thread(target=call, args=(index,)) for index in range(4)]
     for thread in threads:

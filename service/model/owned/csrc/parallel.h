@@ -186,23 +186,42 @@ class Team {
 
 }  // namespace team
 
-// Runs part(thread, team) once for each thread number of a team of `threads`, on whichever threads of the team
-// are free (one thread may run several); the first exception thrown is rethrown after every part has run.
+// The kernels' loops inside `kernel_threads` (an owned step: nothing else on the thread opens an OpenMP team) run
+// on the team above; elsewhere (the transformers forward, whose torch ops keep OpenMP's team busy between the
+// kernels' loops) on OpenMP's, which a second team would fight for the cores (a classification pass on the
+// prepacked modules fell from 27-37 to 21-26 requests a second with the kernels on their own team).
+inline thread_local int kernel_threads = 0;
+
+// Runs part(thread, team) once for each thread number of a team of `threads` (on the kernels' team, whichever of
+// its threads are free, one thread possibly running several); the first exception thrown is rethrown after every
+// part has run.
 template <typename F>
 void run_team(int threads, const F& part) {
-  const auto call = [](const void* context, int thread, int team) { (*static_cast<const F*>(context))(thread, team); };
   std::exception_ptr error;
-  if (!team::Team::instance().run(threads, &part, call, error)) {
-    for (int thread = 0; thread < threads; ++thread) part(thread, threads);
-    return;
+  if (kernel_threads > 0) {
+    const auto call = [](const void* context, int thread, int team) {
+      (*static_cast<const F*>(context))(thread, team);
+    };
+    if (!team::Team::instance().run(threads, &part, call, error)) {
+      for (int thread = 0; thread < threads; ++thread) part(thread, threads);
+      return;
+    }
+  } else {
+#pragma omp parallel num_threads(threads)
+    {
+      try {
+        part(omp_get_thread_num(), omp_get_num_threads());
+      } catch (...) {
+#pragma omp critical(adapter_service_error)
+        if (!error) error = std::current_exception();
+      }
+    }
   }
   if (error) std::rethrow_exception(error);
 }
 
 // The threads of a team started on this thread: torch's count for it, unless `kernel_threads` handed that count
 // to the kernels alone (torch's own ops then run on one).
-inline thread_local int kernel_threads = 0;
-
 inline int team_size() { return std::min(kernel_threads > 0 ? kernel_threads : at::get_num_threads(), 0xffff); }
 
 inline int team_for(int64_t items, int64_t grain) {
