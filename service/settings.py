@@ -85,7 +85,9 @@ class Settings(BaseSettings):
         "unset: torch's choice, the machine's physical cores.",
     )
     max_wait_ms: float = Field(
-        default=5.0, ge=0.0, le=10_000.0, description="How long the batcher waits to fill a batch."
+        default=5.0, ge=0.0, le=10_000.0,
+        description="How long the batcher waits to fill a batch; an idle one waits on while generation requests "
+        "keep arriving, up to 8x this (and at most 0.1 s more).",
     )
     max_queue_size: int = Field(default=1024, ge=1, description="Queued requests before 429 + Retry-After.")
     request_timeout_s: float = Field(

@@ -23,8 +23,10 @@ logger = logging.getLogger(__name__)
 # after every step left the model thread idle while the loop, busy streaming the last step's tokens to 64 clients,
 # got round to submitting the next (7% of the model thread's time at 64 streams).
 _RUN_AHEAD_STEPS = 16
-# How long, in max_waits, an idle batcher waits on for a wave of generation requests still arriving.
+# How long an idle batcher waits on for a wave of generation requests still arriving: this many max_waits, and no
+# more than _BURST_MAX_SECONDS past max_wait.
 _BURST_WAITS = 8
+_BURST_MAX_SECONDS = 0.1
 
 # A group runner takes (key, payloads, report) and returns one result or exception per payload; it may call
 # report(index, value) from its thread to hand a payload's partial result (streamed text) to its request.
@@ -151,11 +153,11 @@ class Batcher:
         batch = [await self._queue.get()]
         # Nothing runs: wait up to max_wait for more. While generation requests keep arriving (a wave of clients,
         # read by this loop at a millisecond or so each), wait on until max_wait passes with none, up to
-        # _BURST_WAITS times max_wait: a wave cut short starts with the part read so far, and the rest, read
-        # during that part's long prompt step, join behind it a few prompts a step.
+        # _BURST_WAITS max_waits (at most _BURST_MAX_SECONDS past one): a wave cut short starts with the part read
+        # so far, and the rest, read during that part's long prompt step, join behind it a few prompts a step.
         first = time.perf_counter()
         deadline = first + self._max_wait
-        last_call = first + _BURST_WAITS * self._max_wait
+        last_call = first + min(_BURST_WAITS * self._max_wait, self._max_wait + _BURST_MAX_SECONDS)
         while len(batch) < self._max_batch_size:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
@@ -167,7 +169,7 @@ class Batcher:
             except TimeoutError:
                 break
             batch.append(item)
-            if self._continuous(item.key):
+            if self._continuous(item.key) and not item.future.done():
                 deadline = max(deadline, min(last_call, time.perf_counter() + self._max_wait))
         self._on_depth(self._queue.qsize())
         return batch

@@ -23,6 +23,7 @@ from service.model.gathered import GatheredLora
 from service.model.ia3 import IA3Pool
 from service.model.kv_cache import KVCache, stack_right_aligned
 from service.model.loading import BaseModel
+from service.model.owned.kernels import torch_threads
 from service.model.owned.model import OwnedModel, build_owned
 from service.model.owned.ops import top_logits
 from service.model.owned.slot_cache import CacheLimits
@@ -378,22 +379,29 @@ class ModelRunner:
             raise FloatingPointError("the model gave non-finite logits (NaN or inf)")
         sampled = [index for index, (params, _) in enumerate(rows) if params.temperature > 0.0]
         if sampled:
-            index = torch.tensor(sampled, device=logits.device)
-            temperature = torch.tensor([rows[i][0].temperature for i in sampled], device=logits.device)
-            probs = torch.softmax(logits[index].float() / temperature[:, None], dim=-1)
-            top_p = torch.tensor([rows[i][0].top_p for i in sampled], device=logits.device)
-            if bool((top_p < 1.0).any()):
-                sorted_probs, order = probs.sort(dim=-1, descending=True)
-                # Keep the smallest head of the distribution whose mass reaches top_p (always the top token).
-                outside = sorted_probs.cumsum(-1) - sorted_probs > top_p[:, None]
-                probs = probs.scatter(1, order, sorted_probs.masked_fill(outside, 0.0))
-            noise = torch.empty_like(probs).exponential_()
-            for position, row in enumerate(sampled):
-                generator = rows[row][1]
-                if generator is not None:
-                    noise[position].exponential_(generator=generator)
-            tokens[index] = (probs / noise).argmax(dim=-1)
+            with torch_threads():  # softmax and sort over the vocabulary: torch's ops on all the threads
+                tokens[torch.tensor(sampled, device=logits.device)] = self._sampled_tokens(logits, rows, sampled)
         return tokens.tolist()
+
+    @staticmethod
+    def _sampled_tokens(logits: torch.Tensor, rows: Sequence[tuple[GenerationParams, torch.Generator | None]],
+                        sampled: list[int]) -> torch.Tensor:
+        """The tokens of the rows at ``sampled`` (all with a temperature), drawn together."""
+        index = torch.tensor(sampled, device=logits.device)
+        temperature = torch.tensor([rows[i][0].temperature for i in sampled], device=logits.device)
+        probs = torch.softmax(logits[index].float() / temperature[:, None], dim=-1)
+        top_p = torch.tensor([rows[i][0].top_p for i in sampled], device=logits.device)
+        if bool((top_p < 1.0).any()):
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            # Keep the smallest head of the distribution whose mass reaches top_p (always the top token).
+            outside = sorted_probs.cumsum(-1) - sorted_probs > top_p[:, None]
+            probs = probs.scatter(1, order, sorted_probs.masked_fill(outside, 0.0))
+        noise = torch.empty_like(probs).exponential_()
+        for position, row in enumerate(sampled):
+            generator = rows[row][1]
+            if generator is not None:
+                noise[position].exponential_(generator=generator)
+        return (probs / noise).argmax(dim=-1)
 
     def advance(self, row: DecodingRow, token: int) -> str | None:
         """Append a sampled token to a row; the finish reason once the row is done, else None.

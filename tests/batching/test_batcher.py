@@ -248,25 +248,25 @@ def test_a_row_leaving_admits_the_next_waiting_request() -> None:
 
 
 def test_an_idle_batcher_waits_for_a_wave_of_generation_requests_still_arriving() -> None:
-    """Requests 6 ms apart against a 10 ms wait: all in the first step, though the last came 4 waits after the
-    first; a wave that goes on past the cap starts without its tail."""
+    """Requests 10 ms apart against a 40 ms wait: all in the first step, though the last came 60 ms after the
+    first; a wave that goes on past the cap (0.1 s past the wait) starts without its tail."""
     rows = _Rows()
 
     async def main(count: int) -> dict[int, int]:
         batcher = Batcher(lambda key, payloads, report: list(payloads), ThreadPoolExecutor(1), max_batch_size=64,
-                          max_wait_ms=10, max_queue_size=100, step=rows, continuous=lambda key: key == "gen")
+                          max_wait_ms=40, max_queue_size=100, step=rows, continuous=lambda key: key == "gen")
         batcher.start()
         rows.admitted_at.clear()
         submitted = []
         for index in range(count):
             submitted.append(asyncio.create_task(batcher.submit("gen", 100 + index)))
-            await asyncio.sleep(0.006)
+            await asyncio.sleep(0.01)
         await asyncio.gather(*submitted)
         await batcher.stop()
         return dict(rows.admitted_at)
 
     admitted = _run(main(7))
     assert set(admitted.values()) == {min(admitted.values())}
-    admitted = _run(main(30))  # 180 ms of arrivals, past 8 waits (80 ms): the first step has only the front
+    admitted = _run(main(40))  # 400 ms of arrivals, past the cap (140 ms): the first step has only the front
     first_step = min(admitted.values())
-    assert 5 <= sum(step == first_step for step in admitted.values()) < 30
+    assert 5 <= sum(step == first_step for step in admitted.values()) < 40

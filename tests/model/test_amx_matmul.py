@@ -8,7 +8,12 @@ import threading
 import pytest
 import torch
 
-from service.model.owned.kernels import amx_matmul_available, cpu_kernels_available, kernel_threads
+from service.model.owned.kernels import (
+    amx_matmul_available,
+    cpu_kernels_available,
+    kernel_threads,
+    torch_threads,
+)
 from service.model.owned.matmul import Matmul, Packing, amx_head_applies, choose_packing, head_logits
 
 pytestmark = pytest.mark.skipif(not amx_matmul_available(), reason="this CPU has no AMX with bf16")
@@ -74,11 +79,16 @@ def test_threads_calling_at_once_each_get_their_own_product() -> None:
     expected = [torch.ops.adapter_service.amx_linear(x, packed, 3072, None) for x in inputs]
     results: dict[int, list[bool]] = {}
 
+    default = torch.get_num_threads()
+
     def call(index: int) -> None:
         torch.set_num_threads(2)
-        with kernel_threads():
-            results[index] = [torch.equal(torch.ops.adapter_service.amx_linear(inputs[index], packed, 3072, None),
-                                          expected[index]) for _ in range(50)]
+        try:
+            with kernel_threads():
+                results[index] = [torch.equal(torch.ops.adapter_service.amx_linear(inputs[index], packed, 3072, None),
+                                              expected[index]) for _ in range(50)]
+        finally:
+            torch.set_num_threads(default)  # torch seeds threads started later from the last count set
 
     threads = [threading.Thread(target=call, args=(index,)) for index in range(4)]
     for thread in threads:
@@ -102,7 +112,15 @@ def test_kernel_threads_hand_the_count_to_the_team_and_give_it_back() -> None:
             inside = torch.ops.adapter_service.amx_linear(x, packed, 960, None)
             with pytest.raises(RuntimeError, match="packed weight"):  # a refusal inside leaves the count as it was
                 torch.ops.adapter_service.amx_linear(x, packed, 961, None)
+            with torch_threads():  # torch's ops get the count back for a while
+                assert torch.get_num_threads() == 2
+            assert torch.get_num_threads() == 1
+            with kernel_threads():  # nested: leaving the inner one keeps the outer's hand-over
+                pass
+            assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 2
+        with torch_threads():  # outside kernel_threads: nothing changes
+            assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(inside, outside)

@@ -80,11 +80,29 @@ def kernel_threads() -> Iterator[None]:
     client. Served A/B at 64 and 16 streams with OpenMP's workers made to sleep instead: ITL p50 43-50 against
     46-54 ms at 64, 24-26 against 28-29 ms at 16, and more tokens a second in 5 of 6 rounds."""
     ops = torch.ops.adapter_service
-    ops.kernel_threads(True)
+    was_on = ops.kernel_threads(True)
     try:
         yield
     finally:
-        ops.kernel_threads(False)
+        if not was_on:
+            ops.kernel_threads(False)
+
+
+@contextlib.contextmanager
+def torch_threads() -> Iterator[None]:
+    """Inside ``kernel_threads``: torch's own ops get the thread's count back for a while, for work they do well in
+    parallel (a long prompt chunk's attention, sampling's softmax and sort over the vocabulary). Elsewhere (or
+    without the kernels) nothing changes."""
+    if not _state.get("loaded"):
+        yield
+        return
+    ops = torch.ops.adapter_service
+    was_on = ops.kernel_threads(False)
+    try:
+        yield
+    finally:
+        if was_on:
+            ops.kernel_threads(True)
 
 
 def _build() -> bool:

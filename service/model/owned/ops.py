@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from service.model.owned.batch import Chunk, StepBatch
-from service.model.owned.kernels import cpu_kernels_available
+from service.model.owned.kernels import cpu_kernels_available, torch_threads
 from service.model.owned.slot_cache import SlotCache
 
 _KERNEL_LANES = 16  # the widest SIMD vector (floats) the kernels use: head sizes must be a multiple
@@ -236,7 +236,8 @@ class _KernelStepAttention:
         for segment in self.segments:
             if isinstance(segment, Chunk):
                 span = slice(segment.offset, segment.offset + segment.length)
-                out[span] = _chunk_attention(segment, q[span], k[span], v[span], keys, values)
+                with torch_threads():  # torch's blocked attention, on all the threads
+                    out[span] = _chunk_attention(segment, q[span], k[span], v[span], keys, values)
             else:
                 out[segment[0]:segment[1]] = self._kernel(q, k, v, keys, values, *segment)
         return out

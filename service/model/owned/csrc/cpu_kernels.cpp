@@ -815,21 +815,24 @@ std::tuple<at::Tensor, at::Tensor> column_max(const at::Tensor& logits) {
 
 // Hands this thread's torch thread count to the kernels' team alone (on), torch's own ops then running on one
 // thread so that OpenMP opens no team of its own beside the kernels' during a step; or gives it back (off).
-void kernel_threads(bool on) {
+// Returns whether it was handed over before the call.
+bool kernel_threads(bool on) {
   int& kept = adapter_service::kernel_threads;
-  if (on && kept == 0) {
+  const bool was_on = kept != 0;
+  if (on && !was_on) {
     kept = at::get_num_threads();
     omp_set_num_threads(1);  // this thread's OpenMP count only: torch's default for new threads is untouched
-  } else if (!on && kept != 0) {
+  } else if (!on && was_on) {
     omp_set_num_threads(kept);
     kept = 0;
   }
+  return was_on;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(adapter_service, m) {
-  m.def("kernel_threads(bool on) -> ()", kernel_threads);
+  m.def("kernel_threads(bool on) -> bool", kernel_threads);
   m.def("slot_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, Tensor slots, "
         "Tensor positions, float scale) -> Tensor");
   m.def("add_rms_norm(Tensor(a!) x, Tensor? residual, Tensor weight, float eps) -> Tensor");
