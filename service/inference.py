@@ -109,7 +109,7 @@ class InferenceService:
             if task is not Task.GENERATION:
                 raise WrongTask(f"{task.value} needs an adapter with a classification head; name one in 'adapter'")
             return None
-        info = await asyncio.to_thread(self.store.get, name)
+        info = self.store.peek(name) or await asyncio.to_thread(self.store.get, name)
         self.quarantine.check(info)
         if info.task is not task:
             raise WrongTask(f"adapter {name!r} is a {info.task.value} adapter; it cannot serve {task.value}: "

@@ -178,6 +178,22 @@ class AdapterStore:
         """Whether an adapter of that name is in the store now (one stat; no parsing)."""
         return valid_name(name) and (self.root / name).is_dir()
 
+    def peek(self, name: str) -> AdapterInfo | None:
+        """``get``'s answer if it is at hand: already described and its files unchanged (a few stats, no reading
+        or parsing), else None. Cheap enough for the event loop, where a thread hop per request cost more than
+        the stats (a wave of 64 requests for adapters reached the batcher ~0.1 s later than one for the base)."""
+        if not valid_name(name):
+            return None
+        with self._lock:
+            cached = self._cache.get(name)
+        if cached is None:
+            return None
+        try:
+            signature = _signature(self._folder(name))
+        except (AdapterNotFound, OSError):
+            return None
+        return cached[1] if cached[0] == signature else None
+
     def get(self, name: str) -> AdapterInfo:
         folder = self._folder(name)
         if not folder.is_dir():

@@ -106,3 +106,20 @@ def test_delete_is_atomic_and_final(tiny_adapters: dict[str, Path], tmp_path: Pa
     with pytest.raises(AdapterNotFound):
         store.get("gone")
     assert list((tmp_path / "store").iterdir()) == []
+
+
+def test_peek_answers_only_from_an_unchanged_description(tiny_adapters: dict[str, Path], tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path / "store")
+    folder = _copy(tiny_adapters["lora-cls"], tmp_path / "store" / "lora-cls")
+    assert store.peek("lora-cls") is None  # never described: the caller reads it (off the event loop)
+    assert store.peek("../etc") is None and store.peek("missing") is None
+    info = store.get("lora-cls")
+    assert store.peek("lora-cls") == info
+    config = folder / "adapter_config.json"
+    config.write_text(config.read_text() + "\n")  # changed on disk: described again by get, not peeked
+    assert store.peek("lora-cls") is None
+    assert store.get("lora-cls").name == "lora-cls" and store.peek("lora-cls") is not None
+    shutil.rmtree(folder)
+    assert store.peek("lora-cls") is None
+    with pytest.raises(AdapterNotFound):
+        store.get("lora-cls")
