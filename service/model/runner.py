@@ -379,15 +379,15 @@ class ModelRunner:
             raise FloatingPointError("the model gave non-finite logits (NaN or inf)")
         sampled = [index for index, (params, _) in enumerate(rows) if params.temperature > 0.0]
         if sampled:
+            index = torch.tensor(sampled, device=logits.device)
             with torch_threads():  # softmax and sort over the vocabulary: torch's ops on all the threads
-                tokens[torch.tensor(sampled, device=logits.device)] = self._sampled_tokens(logits, rows, sampled)
+                tokens[index] = self._sampled_tokens(logits, rows, sampled, index)
         return tokens.tolist()
 
     @staticmethod
     def _sampled_tokens(logits: torch.Tensor, rows: Sequence[tuple[GenerationParams, torch.Generator | None]],
-                        sampled: list[int]) -> torch.Tensor:
-        """The tokens of the rows at ``sampled`` (all with a temperature), drawn together."""
-        index = torch.tensor(sampled, device=logits.device)
+                        sampled: list[int], index: torch.Tensor) -> torch.Tensor:
+        """The tokens of the rows at ``sampled`` (all with a temperature; ``index`` holds them), drawn together."""
         temperature = torch.tensor([rows[i][0].temperature for i in sampled], device=logits.device)
         probs = torch.softmax(logits[index].float() / temperature[:, None], dim=-1)
         top_p = torch.tensor([rows[i][0].top_p for i in sampled], device=logits.device)

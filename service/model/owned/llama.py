@@ -118,13 +118,10 @@ class LlamaForward:
         scaling = rotary.attention_scaling
         self.cos = (angles.cos() * scaling).to(self.embed.dtype)
         self.sin = (angles.sin() * scaling).to(self.embed.dtype)
-
-    @property
-    def kernels_only(self) -> bool:
-        """Whether every matmul and step op of a step runs in the service's kernels (none in torch's own)."""
-        return (isinstance(self.ops, KernelOps) and self.amx_head
-                and all(m.packing is Packing.AMX for layer in self.layers
-                        for m in (layer.qkv, layer.o, layer.gate_up, layer.down)))
+        # Whether every matmul and step op of a step runs in the service's kernels (none in torch's own).
+        self.kernels_only: bool = (isinstance(self.ops, KernelOps) and self.amx_head
+                                   and all(m.packing is Packing.AMX for layer in self.layers
+                                           for m in (layer.qkv, layer.o, layer.gate_up, layer.down)))
 
     @property
     def dtype(self) -> torch.dtype:

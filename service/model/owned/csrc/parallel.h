@@ -15,7 +15,6 @@
 #include <atomic>
 #include <chrono>
 #include <climits>
-#include <cstdlib>
 #include <cstdint>
 #include <exception>
 #include <mutex>
@@ -44,22 +43,10 @@ inline void relax() {
 #endif
 }
 
-inline int microseconds_setting(const char* name, int fallback) {
-  const char* text = std::getenv(name);
-  return text ? std::max(0, std::atoi(text)) : fallback;
-}
-
 // How long an idle worker spins on its core for the next region, then how long it keeps polling while yielding
 // its core to any other thread that wants it, before it sleeps.
-inline int spin_microseconds() {
-  static const int value = microseconds_setting("ADAPTER_SERVICE_TEAM_SPIN_US", 50);
-  return value;
-}
-
-inline int yield_microseconds() {
-  static const int value = microseconds_setting("ADAPTER_SERVICE_TEAM_YIELD_US", 2000);
-  return value;
-}
+constexpr std::chrono::microseconds kSpin{50};
+constexpr std::chrono::microseconds kYield{2000};
 
 inline thread_local bool in_team = false;  // this thread is running a part: loops inside it run inline
 
@@ -139,37 +126,38 @@ class Team {
   }
 
   void work() {
-    using clock = std::chrono::steady_clock;
     while (true) {
-      const auto started = clock::now();
-      const auto spin_until = started + std::chrono::microseconds(spin_microseconds());
-      const auto yield_until = spin_until + std::chrono::microseconds(yield_microseconds());
-      int polls = 0;
-      bool ran = false;
-      while (!ran) {
-        if (claim_and_run()) {
-          ran = true;
-          break;
-        }
-        if ((++polls & 63) == 0) {
-          const auto now = clock::now();
-          if (now >= yield_until) break;
-          if (now >= spin_until) {
-            sched_yield();
-            continue;
-          }
-        }
-        relax();
-      }
-      if (ran) continue;  // start waiting afresh
-      const uint32_t ticket = wake_.load(std::memory_order_seq_cst);
-      sleeping_.fetch_add(1, std::memory_order_seq_cst);
-      const uint64_t word = word_.load(std::memory_order_seq_cst);
-      if ((word >> 16 & 0xffff) >= (word & 0xffff)) {
-        syscall(SYS_futex, reinterpret_cast<uint32_t*>(&wake_), FUTEX_WAIT_PRIVATE, ticket, nullptr, nullptr, 0);
-      }
-      sleeping_.fetch_sub(1, std::memory_order_seq_cst);
+      if (!poll()) sleep_until_woken();
     }
+  }
+
+  // Runs a part if one comes up within kSpin + kYield (true), else returns false.
+  bool poll() {
+    using clock = std::chrono::steady_clock;
+    const auto spin_until = clock::now() + kSpin, yield_until = spin_until + kYield;
+    for (int polls = 1;; ++polls) {
+      if (claim_and_run()) return true;
+      if (polls % 64 == 0) {
+        const auto now = clock::now();
+        if (now >= yield_until) return false;
+        if (now >= spin_until) {
+          sched_yield();
+          continue;
+        }
+      }
+      relax();
+    }
+  }
+
+  // Sleeps until a region is published, unless one already has parts left.
+  void sleep_until_woken() {
+    const uint32_t ticket = wake_.load(std::memory_order_seq_cst);
+    sleeping_.fetch_add(1, std::memory_order_seq_cst);
+    const uint64_t word = word_.load(std::memory_order_seq_cst);
+    if ((word >> 16 & 0xffff) >= (word & 0xffff)) {
+      syscall(SYS_futex, reinterpret_cast<uint32_t*>(&wake_), FUTEX_WAIT_PRIVATE, ticket, nullptr, nullptr, 0);
+    }
+    sleeping_.fetch_sub(1, std::memory_order_seq_cst);
   }
 
   std::mutex running_;  // one region at a time
@@ -202,9 +190,14 @@ void run_team(int threads, const F& part) {
     const auto call = [](const void* context, int thread, int team) {
       (*static_cast<const F*>(context))(thread, team);
     };
-    if (!team::Team::instance().run(threads, &part, call, error)) {
-      for (int thread = 0; thread < threads; ++thread) part(thread, threads);
-      return;
+    if (!team::Team::instance().run(threads, &part, call, error)) {  // another thread's region: run them here
+      for (int thread = 0; thread < threads; ++thread) {
+        try {
+          part(thread, threads);
+        } catch (...) {
+          if (!error) error = std::current_exception();
+        }
+      }
     }
   } else {
 #pragma omp parallel num_threads(threads)
