@@ -79,6 +79,12 @@ class Settings(BaseSettings):
         description="Owned forward's bf16 matmuls on a CPU: 'auto' runs the service's AMX kernel where the CPU has "
         "AMX (and cpu_kernels is 'auto'), else oneDNN's prepacked matmul; 'onednn': oneDNN's always.",
     )
+    decode_graphs: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Owned forward's decode steps: 'on' runs them in static shapes by batch-size bucket, captured "
+        "and replayed as CUDA graphs on a GPU (eagerly on a CPU, where it only slows them); 'auto': on with CUDA, "
+        "off on a CPU.",
+    )
     torch_threads: int | None = Field(
         default=None, ge=1, le=1024,
         description="Intra-op threads of the model thread (the only thread that runs torch with several); "

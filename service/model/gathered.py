@@ -150,6 +150,12 @@ class GatheredLora:
     def version(self) -> int:
         return self._version
 
+    def layout(self) -> tuple:
+        """Where the stacks' tensors live (address and shape per module): what a captured CUDA graph reads. It
+        changes when a stack is added or grows (a larger rank or more slots), not when a slot is written."""
+        return tuple((key, stack.a.data_ptr(), tuple(stack.a.shape), stack.b_t.data_ptr(), tuple(stack.b_t.shape))
+                     for key, stack in self._stacks.items())
+
     def layers_of(self, name: str) -> set[int]:
         """Ids of the base layers an adapter in the pool adapts."""
         return self._layers_of.get(name, set())

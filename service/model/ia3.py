@@ -123,6 +123,10 @@ class IA3Pool:
         self._paths_of.pop(name, None)
         self._slots.release(name, self._clear)
 
+    def layout(self) -> tuple:
+        """Where the stacks' vectors live (address and shape per module), as ``GatheredLora.layout``."""
+        return tuple((key, stack.scales.data_ptr(), tuple(stack.scales.shape)) for key, stack in self._stacks.items())
+
     def paths_of(self, name: str) -> set[str]:
         return self._paths_of.get(name, set())
 

@@ -236,11 +236,17 @@ class OwnedEngine:
         rows = decode + [row for row, _ in chunks]
         counts = [1] * len(decode) + [count for _, count in chunks]
         embeddings = self._embed(torch.tensor(ids, device=device), rows, counts)
-        batch = StepBatch(embeddings, torch.tensor(positions, device=device),
-                          torch.tensor([row.slot for row in decode], dtype=torch.long, device=device), batch_chunks)
-        step_adapters = owned.adapters.for_step([row.adapter for row in decode], [row.slot for row in decode],
-                                                [(row.adapter, count) for row, count in chunks])
-        hidden = owned.forward(batch, owned.cache, step_adapters, torch.tensor(wanted, dtype=torch.long, device=device))
+        if owned.decode_graphs is not None and not chunks:
+            lora, ia3 = owned.adapters.pool_slots([row.adapter for row in decode])
+            hidden = owned.decode_graphs(embeddings, [row.slot for row in decode], positions, lora, ia3)
+        else:
+            batch = StepBatch(embeddings, torch.tensor(positions, device=device),
+                              torch.tensor([row.slot for row in decode], dtype=torch.long, device=device),
+                              batch_chunks)
+            step_adapters = owned.adapters.for_step([row.adapter for row in decode], [row.slot for row in decode],
+                                                    [(row.adapter, count) for row, count in chunks])
+            hidden = owned.forward(batch, owned.cache, step_adapters,
+                                   torch.tensor(wanted, dtype=torch.long, device=device))
         sampling = decode + finishing
         tokens: list[int] = []
         if sampling:

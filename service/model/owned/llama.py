@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 
 from service.model.owned.batch import StepBatch
 from service.model.owned.matmul import Matmul, Packing, amx_head_applies, fuse, head_logits
-from service.model.owned.ops import KernelOps, StepOps, step_ops
+from service.model.owned.ops import Attention, KernelOps, StepOps, step_ops
 from service.model.owned.slot_cache import SlotCache
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -131,9 +131,14 @@ class LlamaForward:
                  wanted: torch.Tensor) -> torch.Tensor:
         """The final-normed hidden state of the flat tokens at ``wanted`` (indices), after writing every token's
         keys/values into its row's slot."""
-        x = batch.embeddings
+        attend = self.ops.attention(batch, cache, self.heads)
+        return self.layers_forward(batch.embeddings, batch.positions, attend, adapters)[wanted]
+
+    def layers_forward(self, x: torch.Tensor, positions: torch.Tensor, attend: Attention,
+                       adapters: StepAdapters | None) -> torch.Tensor:
+        """The final-normed hidden state of every token of ``x`` [tokens, hidden] (used as the residual stream, in
+        place), attending through ``attend``."""
         ops = self.ops
-        attend = ops.attention(batch, cache, self.heads)
         tokens = x.shape[0]
         rotated = self.heads + self.kv_heads
         h = ops.add_norm(x, None, self.layers[0].input_norm, self.eps)
@@ -141,7 +146,7 @@ class LlamaForward:
             qkv = layer.qkv(h)
             if adapters is not None:
                 adapters.adapt(index, _QKV, h, qkv)
-            ops.rotate(qkv, rotated, self.head_dim, self.cos, self.sin, batch.positions)
+            ops.rotate(qkv, rotated, self.head_dim, self.cos, self.sin, positions)
             q = qkv[:, :self.q_size].view(tokens, self.heads, self.head_dim)
             k = qkv[:, self.q_size:self.q_size + self.kv_size].view(tokens, self.kv_heads, self.head_dim)
             v = qkv[:, self.q_size + self.kv_size:].view(tokens, self.kv_heads, self.head_dim)
@@ -163,7 +168,7 @@ class LlamaForward:
                 adapters.adapt(index, _DOWN, act, down)
             following = self.layers[index + 1].input_norm if index + 1 < len(self.layers) else self.final_norm
             h = ops.add_norm(x, down, following, self.eps)
-        return h[wanted]
+        return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.amx_head:

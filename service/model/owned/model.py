@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from service.model.gathered import GatheredLora
 from service.model.ia3 import IA3Pool
 from service.model.loading import BaseModel
+from service.model.owned.graphs import DecodeGraphs
 from service.model.owned.kernels import kernel_threads
 from service.model.owned.llama import LlamaForward, unsupported_reason
 from service.model.owned.matmul import choose_packing
@@ -27,6 +28,7 @@ class OwnedModel:
     cache: SlotCache
     adapters: OwnedAdapters
     max_batch_tokens: int
+    decode_graphs: DecodeGraphs | None = None  # decode steps in static shapes (CUDA graphs on a GPU)
 
     def step_threads(self) -> contextlib.AbstractContextManager[None]:
         """The threading a step runs under: the kernels' team alone where they do all of it."""
@@ -51,4 +53,10 @@ def build_owned(base: BaseModel, gathered: GatheredLora, ia3: IA3Pool, limits: C
                 f"{packing.value}-packed" if forward.layers[0].qkv.packed else "dense",
                 "fused CPU kernels" if isinstance(forward.ops, KernelOps) else "torch ops", shape.slots,
                 shape.slot_tokens, shape.budget_tokens, cache.nbytes_budget() / 2**20)
-    return OwnedModel(forward, cache, OwnedAdapters(forward, gathered, ia3, shape.slots), limits.max_batch_tokens)
+    adapters = OwnedAdapters(forward, gathered, ia3, shape.slots)
+    graphs = None
+    if limits.decode_graphs == "on" or (limits.decode_graphs == "auto" and base.device.type == "cuda"):
+        graphs = DecodeGraphs(forward, cache, adapters, capture=base.device.type == "cuda")
+        logger.info("decode steps in static shapes by batch size (%s)",
+                    "CUDA graphs" if base.device.type == "cuda" else "run eagerly: no CUDA graphs on a CPU")
+    return OwnedModel(forward, cache, adapters, limits.max_batch_tokens, graphs)

@@ -82,6 +82,16 @@ class OwnedAdapters:
                     return False
         return True
 
+    def layout(self) -> tuple:
+        """Where the pools' tensors live: a graph captured over them is valid while this stays the same."""
+        return self.gathered.layout(), self.ia3.layout()
+
+    def pool_slots(self, adapters: Sequence[LoadedAdapter | None]) -> tuple[list[int] | None, list[int] | None]:
+        """Each row's LoRA pool slot and IA3 pool slot (None where no row has one of that kind)."""
+        lora = [a.peft_name if a is not None and a.peft_name is not None else None for a in adapters]
+        ia3 = [a.pool_name if a is not None and a.ia3 is not None else None for a in adapters]
+        return (self.gathered.slots(lora) if any(lora) else None, self.ia3.slots(ia3) if any(ia3) else None)
+
     def admit(self, cache_slot: int, adapter: LoadedAdapter | None) -> None:
         """A row joins in ``cache_slot``: its LoRA matrices (or zeros) are written there for its decode steps."""
         if self.kernel_lora:
@@ -233,3 +243,33 @@ class StepAdapters:
         scales = self._owned.ia3_scales(layer, module, of_input)
         return None if scales is None else scales.index_select(0, self._token_ia3)
 
+
+
+class SlotStepAdapters:
+    """Adapters of a step whose tokens carry their pool slots in tensors (``NO_ADAPTER``: none), with every matrix
+    and vector gathered from the pools inside the step: no host work per step, so a CUDA graph can replay it. Each
+    token reads its adapter's padded matrices (the pool's zero rows past its rank add nothing)."""
+
+    def __init__(self, owned: OwnedAdapters, lora: torch.Tensor | None, ia3: torch.Tensor | None) -> None:
+        self._owned = owned
+        self._lora = lora
+        self._ia3 = ia3
+
+    def adapt(self, layer: int, names: tuple[str, ...], x: torch.Tensor, output: torch.Tensor) -> None:
+        if self._lora is not None:
+            for columns, stack in self._owned.lora_stacks(layer, names).stacks:
+                a = stack.a.index_select(0, self._lora)  # [tokens, rank, in]
+                b_t = stack.b_t.index_select(0, self._lora)  # [tokens, rank, out]
+                delta = torch.bmm(torch.bmm(x.to(a.dtype).unsqueeze(1), a.transpose(1, 2)), b_t).squeeze(1)
+                output[:, columns] += delta.to(output.dtype)
+        if self._ia3 is not None:
+            for name in names:
+                scale = self.scale(layer, name)
+                if scale is not None:
+                    output[:, self._owned.forward.slices[name]] *= scale
+
+    def scale(self, layer: int, module: str, of_input: bool = False) -> torch.Tensor | None:
+        if self._ia3 is None:
+            return None
+        scales = self._owned.ia3_scales(layer, module, of_input)
+        return None if scales is None else scales.index_select(0, self._ia3)
