@@ -79,11 +79,11 @@ class Settings(BaseSettings):
         description="Owned forward's bf16 matmuls on a CPU: 'auto' runs the service's AMX kernel where the CPU has "
         "AMX (and cpu_kernels is 'auto'), else oneDNN's prepacked matmul; 'onednn': oneDNN's always.",
     )
-    decode_graphs: Literal["auto", "on", "off"] = Field(
-        default="auto",
+    decode_graphs: Literal["off", "on"] = Field(
+        default="off",
         description="Owned forward's decode steps: 'on' runs them in static shapes by batch-size bucket, captured "
-        "and replayed as CUDA graphs on a GPU (eagerly on a CPU, where it only slows them); 'auto': on with CUDA, "
-        "off on a CPU.",
+        "and replayed as CUDA graphs on a GPU (unverified: no GPU was available to build this on), eagerly on a "
+        "CPU (where it only slows them: for tests).",
     )
     torch_threads: int | None = Field(
         default=None, ge=1, le=1024,

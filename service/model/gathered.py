@@ -89,6 +89,7 @@ class GatheredLora:
         self._modules: dict[int, torch.nn.Linear] = {}
         self._hooks: list = []
         self._version = 0  # bumped whenever a slot's weights change, so rows gathered earlier are never reused
+        self._layout = 0  # see layout
         self._layers_of: dict[str, set[int]] = {}  # adapter -> ids of the base layers it adapts
 
     def __contains__(self, name: str) -> bool:
@@ -113,6 +114,7 @@ class GatheredLora:
         self._version += 1
 
     def _grow(self, capacity: int) -> None:
+        self._layout += 1
         for stack in self._stacks.values():  # every module must have a row for every slot
             stack.ensure(capacity, 0)
 
@@ -125,8 +127,12 @@ class GatheredLora:
                 stack = self._stacks[id(layer)] = ModuleStack(layer, self._slots.capacity)
                 self._modules[id(layer)] = layer
                 self._hooks.append(layer.register_forward_hook(stack.hook))
+                self._layout += 1
             r = a.shape[0]
+            held = stack.a
             stack.ensure(self._slots.capacity, r)
+            if stack.a is not held:
+                self._layout += 1
             with torch.no_grad():
                 stack.a[slot].zero_()
                 stack.b_t[slot].zero_()
@@ -150,11 +156,11 @@ class GatheredLora:
     def version(self) -> int:
         return self._version
 
-    def layout(self) -> tuple:
-        """Where the stacks' tensors live (address and shape per module): what a captured CUDA graph reads. It
-        changes when a stack is added or grows (a larger rank or more slots), not when a slot is written."""
-        return tuple((key, stack.a.data_ptr(), tuple(stack.a.shape), stack.b_t.data_ptr(), tuple(stack.b_t.shape))
-                     for key, stack in self._stacks.items())
+    @property
+    def layout(self) -> int:
+        """Bumped whenever a stack's tensors are replaced or a stack is added (a new module, a larger rank, more
+        slots), not when a slot is written in place: a captured CUDA graph reads the tensors it saw."""
+        return self._layout
 
     def layers_of(self, name: str) -> set[int]:
         """Ids of the base layers an adapter in the pool adapts."""

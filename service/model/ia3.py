@@ -90,6 +90,7 @@ class IA3Pool:
         self._stacks: dict[tuple[str, bool], _ScaleStack] = {}
         self._hooks: list = []
         self._paths_of: dict[str, set[str]] = {}  # adapter -> module paths it scales
+        self._layout = 0  # see layout
 
     def __contains__(self, name: str) -> bool:
         return name in self._slots
@@ -99,6 +100,7 @@ class IA3Pool:
         self._paths_of[name] = set(vectors)
 
     def _grow(self, capacity: int) -> None:
+        self._layout += 1
         for stack in self._stacks.values():
             stack.grow(capacity)
 
@@ -110,6 +112,7 @@ class IA3Pool:
                 layer = getattr(module, "base_layer", module)  # stable when a LoRA host wraps the module later
                 stack = _ScaleStack(vector.shape[0], self._slots.capacity, vector, scales_input)
                 self._stacks[(module_path, scales_input)] = stack
+                self._layout += 1
                 self._hooks.append(layer.register_forward_pre_hook(stack.pre_hook) if scales_input
                                    else layer.register_forward_hook(stack.hook))
             stack.scales[slot] = vector
@@ -123,9 +126,10 @@ class IA3Pool:
         self._paths_of.pop(name, None)
         self._slots.release(name, self._clear)
 
-    def layout(self) -> tuple:
-        """Where the stacks' vectors live (address and shape per module), as ``GatheredLora.layout``."""
-        return tuple((key, stack.scales.data_ptr(), tuple(stack.scales.shape)) for key, stack in self._stacks.items())
+    @property
+    def layout(self) -> int:
+        """Bumped whenever a stack is added or grows, as ``GatheredLora.layout``."""
+        return self._layout
 
     def paths_of(self, name: str) -> set[str]:
         return self._paths_of.get(name, set())

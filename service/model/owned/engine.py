@@ -236,14 +236,14 @@ class OwnedEngine:
         rows = decode + [row for row, _ in chunks]
         counts = [1] * len(decode) + [count for _, count in chunks]
         embeddings = self._embed(torch.tensor(ids, device=device), rows, counts)
-        if owned.decode_graphs is not None and not chunks:
+        slots = [row.slot for row in decode]
+        if owned.decode_graphs is not None and not chunks and owned.decode_graphs.covers(slots):
             lora, ia3 = owned.adapters.pool_slots([row.adapter for row in decode])
-            hidden = owned.decode_graphs(embeddings, [row.slot for row in decode], positions, lora, ia3)
+            hidden = owned.decode_graphs(embeddings, slots, positions, lora, ia3)
         else:
             batch = StepBatch(embeddings, torch.tensor(positions, device=device),
-                              torch.tensor([row.slot for row in decode], dtype=torch.long, device=device),
-                              batch_chunks)
-            step_adapters = owned.adapters.for_step([row.adapter for row in decode], [row.slot for row in decode],
+                              torch.tensor(slots, dtype=torch.long, device=device), batch_chunks)
+            step_adapters = owned.adapters.for_step([row.adapter for row in decode], slots,
                                                     [(row.adapter, count) for row, count in chunks])
             hidden = owned.forward(batch, owned.cache, step_adapters,
                                    torch.tensor(wanted, dtype=torch.long, device=device))

@@ -2,19 +2,25 @@
 
 A decode step (one new token per running row, no prompt chunk) launches a few hundred small kernels; on a GPU at
 small batches their launch cost bounds the step, which is why vLLM and TGI capture such steps once per batch size
-and replay them. A graph replays fixed shapes at fixed addresses, so the step here is laid out by cache slot, not
-by row: slot ``i``'s token is row ``i`` of a static batch covering slots 0..B-1, with ``B`` the smallest bucket
-(1, 2, 4, then multiples of 8, as vLLM's) above the highest slot in use. Free slots are cheap there (rows take the
-lowest slots), so few rows are holes; a hole gets a zero input written at the last entry of its own slot, which a
-row that owns the slot later overwrites before it reads it (a step writes its own entry first), and its output is
-never read. Attention reads the first ``L`` entries of slots 0..B-1 as a view of the cache, masked by each row's
-position, ``L`` a power of two from 64: the second part of a graph's key. Everything a step varies (embeddings,
-positions, each token's LoRA and IA3 pool slots) is copied into buffers the graph reads; adapters' matrices are
-gathered from the pools inside the step (``SlotStepAdapters``), and a pool whose tensors move (a new module, a
-larger rank) drops every graph. Embedding and sampling stay outside: an adapter's own vocabulary is per-row work.
+and replay them. A graph replays fixed shapes at fixed addresses, so the step here is laid out by cache slot, not by
+row: slot ``i``'s token is row ``i`` of a static batch covering slots 0..B-1, with ``B`` the smallest bucket (1, 2,
+4, then multiples of 8, as vLLM's) above the highest slot in use. Rows take the lowest free slots, so holes (slots
+with no decoding row: free, or a row whose prompt is still going in) are few; where they would be most of the batch
+the step runs dynamically instead. A hole computes a zero input at the last entry of its own slot and its output is
+never read: no row ever writes that entry or reads it unmasked (a row's newest token is never fed back, so its
+entries end at most one short of the slot), and what the hole leaves there is finite. Attention reads the first
+``L`` entries of slots 0..B-1 as a view of the cache, masked by each row's position, ``L`` a power of two from 64:
+the second part of a graph's key. Everything a step varies (embeddings, positions, each token's LoRA and IA3 pool
+slots) is copied into buffers the graph reads; adapters' matrices are gathered from the pools inside the step
+(``SlotStepAdapters``), and a pool whose tensors move (a new module, a larger rank) drops every graph. Embedding and
+sampling stay outside: an adapter's own vocabulary is per-row work.
 
-On a CPU the same static step runs eagerly (with ``on``), without capture, so CPU tests exercise everything a graph
-replays but the capture itself: that, and the speed it brings, are unverified here (no GPU was available).
+The step is idempotent (its residual stream starts from a copy of the input buffer), since a capture runs it once
+to warm up and then the replay runs it again on the same inputs. Graphs are captured lazily, the first time a key
+comes up, in ``thread_local`` error mode (the adapter loader's threads may copy tensors to the device meanwhile); a
+key whose capture fails runs its static step eagerly. On a CPU that eager static step is all there is (with
+``on``), so CPU tests exercise everything a graph replays but the capture itself: that, and the speed it brings,
+are unverified here (no GPU was available), which is why the setting is off by default.
 """
 
 from __future__ import annotations
@@ -98,7 +104,7 @@ class _Replay:
             step()  # lazy set-up (cuBLAS handles, workspaces) must not happen while capturing
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             self._output = step()
         self._graph = graph
 
@@ -130,6 +136,12 @@ class DecodeGraphs:
         self._layout: tuple | None = None
         self._pool = torch.cuda.graph_pool_handle() if capture else None
         self.built = 0  # steps set up (captured, on CUDA) so far
+        self.dropped = 0  # times every step was dropped because a pool's tensors moved
+        self.failed_captures = 0
+
+    def covers(self, slots: Sequence[int]) -> bool:
+        """Whether decode rows in these cache slots (ascending) are at least half of their bucket's batch."""
+        return 2 * len(slots) >= next(size for size in self.sizes if size > slots[-1])
 
     def __call__(self, embeddings: torch.Tensor, slots: Sequence[int], positions: Sequence[int],
                  lora: Sequence[int] | None, ia3: Sequence[int] | None) -> torch.Tensor:
@@ -140,6 +152,8 @@ class DecodeGraphs:
         key = _Key(size, length, lora is not None, ia3 is not None)
         layout = self._adapters.layout()
         if layout != self._layout:
+            if self._replays:
+                self.dropped += 1
             self._replays.clear()
             self._layout = layout
         device = self._embeddings.device
@@ -166,9 +180,9 @@ class DecodeGraphs:
         except Exception as error:
             if not self._capture:
                 raise
-            # Unverified on real GPUs here: a capture that fails leaves the same static steps, run eagerly.
-            logger.warning("CUDA graph capture failed (%r); decode steps run without graphs", error)
-            self._capture = False
+            self.failed_captures += 1
+            logger.warning("CUDA graph capture of a %d-slot step over %d entries failed (%r); it runs eagerly",
+                           key.size, key.length, error)
             torch.cuda.synchronize()
             return _Replay(self._step(key), False, None)
 
@@ -185,6 +199,6 @@ class DecodeGraphs:
 
         def step() -> torch.Tensor:
             attend = _SlotAttention(self._cache, rows, positions, key.length)
-            return self._forward.layers_forward(x, positions, attend, adapters if key.lora or key.ia3 else None)
+            return self._forward.layers_forward(x.clone(), positions, attend, adapters if key.lora or key.ia3 else None)
 
         return step

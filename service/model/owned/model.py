@@ -55,7 +55,7 @@ def build_owned(base: BaseModel, gathered: GatheredLora, ia3: IA3Pool, limits: C
                 shape.slot_tokens, shape.budget_tokens, cache.nbytes_budget() / 2**20)
     adapters = OwnedAdapters(forward, gathered, ia3, shape.slots)
     graphs = None
-    if limits.decode_graphs == "on" or (limits.decode_graphs == "auto" and base.device.type == "cuda"):
+    if limits.decode_graphs == "on":
         graphs = DecodeGraphs(forward, cache, adapters, capture=base.device.type == "cuda")
         logger.info("decode steps in static shapes by batch size (%s)",
                     "CUDA graphs" if base.device.type == "cuda" else "run eagerly: no CUDA graphs on a CPU")

@@ -82,9 +82,9 @@ class OwnedAdapters:
                     return False
         return True
 
-    def layout(self) -> tuple:
+    def layout(self) -> tuple[int, int]:
         """Where the pools' tensors live: a graph captured over them is valid while this stays the same."""
-        return self.gathered.layout(), self.ia3.layout()
+        return self.gathered.layout, self.ia3.layout
 
     def pool_slots(self, adapters: Sequence[LoadedAdapter | None]) -> tuple[list[int] | None, list[int] | None]:
         """Each row's LoRA pool slot and IA3 pool slot (None where no row has one of that kind)."""

@@ -35,7 +35,7 @@ class CacheLimits:
     max_batch_tokens: int = 2048  # tokens in one forward: decode rows plus prompt chunks
     cpu_kernels: bool = True  # the fused CPU kernels where they build (else torch ops)
     amx_matmul: bool = True  # bf16 matmuls in the service's AMX kernel where the CPU has AMX (else oneDNN)
-    decode_graphs: Literal["auto", "on", "off"] = "auto"  # decode steps in static shapes (graphs.py)
+    decode_graphs: Literal["off", "on"] = "off"  # decode steps in static shapes, CUDA graphs on a GPU (graphs.py)
 
 
 @dataclass(frozen=True)
