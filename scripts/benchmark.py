@@ -21,6 +21,7 @@ import random
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -559,14 +560,19 @@ def curve_bodies(prompts: list[str], concurrency: int, model: Callable[[], str |
 
 
 def curve_point(strategy: str, label: str, url: str, prompts: list[str], concurrency: int,
-                model: Callable[[], str | None], openai: bool) -> list[Row]:
+                model: Callable[[], str | None], openai: bool) -> dict[str, float]:
     bodies = curve_bodies(prompts, concurrency, model, openai)
     figures = asyncio.run(stream_generate(url, bodies, concurrency, read_openai_stream if openai
                                           else read_service_stream))
     print(f"[{strategy}] {label} c={concurrency}: {figures['tok/s']:.1f} tok/s, TTFT p99 "
           f"{figures['ttft p99']:.2f} s, ITL p50/p99 {figures['itl p50']:.3f}/{figures['itl p99']:.3f} s",
           flush=True)
-    return generation_rows(strategy, f"{label} c={concurrency}", figures)
+    return figures
+
+
+def median_figures(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure's median over the rounds (each round measured every server back to back)."""
+    return {key: statistics.median(figures[key] for figures in rounds) for key in rounds[0]}
 
 
 @contextlib.contextmanager
@@ -592,9 +598,10 @@ def resumed(process: subprocess.Popen) -> Iterator[None]:
 
 
 def generation_run(store: Path, base: Path, adapters: dict[str, list[str]], prompts: list[str], port: int,
-                   vllm_python: str | None, prefix: Path | None) -> None:
+                   vllm_python: str | None, prefix: Path | None, rounds: int = 1) -> None:
     """Generation only, ours against vLLM at 1, 4, 16 and 64 concurrent streams: base only, and mixed adapters
-    (ours: every LoRA and prefix adapter uniformly; vLLM: the LoRA adapters, as it serves no prefix)."""
+    (ours: every LoRA and prefix adapter uniformly; vLLM: the LoRA adapters, as it serves no prefix). With several
+    rounds, each concurrency measures every server once per round and the table gives each figure's median."""
     rng = random.Random(3)
     generation = adapters["generation"]
     loras = [name for name in generation if "-lora-" in name]
@@ -612,6 +619,7 @@ def generation_run(store: Path, base: Path, adapters: dict[str, list[str]], prom
         ("mixed", loras, lambda: pick(rng, generation, False), lambda: pick(rng, loras, False)),
     ]
     peers: dict[str, tuple[subprocess.Popen, str]] = {}
+    round_ratios: dict[int, list[float]] = {}  # ours mixed / ours base, each round's pair measured back to back
     try:
         if vllm_python and prefix:
             for label, names, _, _ in phases:
@@ -626,12 +634,22 @@ def generation_run(store: Path, base: Path, adapters: dict[str, list[str]], prom
         warm = [{"adapter": a, "prompt": "warm up", "max_new_tokens": 2} for a in [None, *generation]]
         asyncio.run(drive(url, "/v1/generate", warm, 8))
         for concurrency in CURVE:
-            for label, _, ours, theirs in phases:
-                rows += curve_point("ours", label, url, prompts, concurrency, ours, openai=False)
-                if label in peers:
-                    peer, vllm_url = peers[label]
-                    with paused(server), resumed(peer):
-                        rows += curve_point("vllm", label, vllm_url, prompts, concurrency, theirs, openai=True)
+            measured: dict[tuple[str, str], list[dict[str, float]]] = {}
+            for _ in range(rounds):
+                for label, _, ours, theirs in phases:
+                    measured.setdefault(("ours", label), []).append(
+                        curve_point("ours", label, url, prompts, concurrency, ours, openai=False))
+                    if label in peers:
+                        peer, vllm_url = peers[label]
+                        with paused(server), resumed(peer):
+                            measured.setdefault(("vllm", label), []).append(
+                                curve_point("vllm", label, vllm_url, prompts, concurrency, theirs, openai=True))
+            for (strategy, label), figures in measured.items():
+                rows += generation_rows(strategy, f"{label} c={concurrency}", median_figures(figures))
+            if rounds > 1:
+                per_round = [mixed["tok/s"] / base_only["tok/s"]
+                             for base_only, mixed in zip(measured[("ours", "base only")], measured[("ours", "mixed")])]
+                round_ratios[concurrency] = per_round
         for label, (peer, _) in peers.items():
             rows.append(("vllm", f"peak resident memory ({label} server)", peak_rss_bytes(peer.pid) / 2**20, "MiB"))
         memory = httpx.get(f"{url}/metrics").text
@@ -653,6 +671,10 @@ def generation_run(store: Path, base: Path, adapters: dict[str, list[str]], prom
     for concurrency in CURVE:
         ours_base, ours_mixed = table[("ours", f"base only c={concurrency}")], table[("ours", f"mixed c={concurrency}")]
         print(f"ratio    c={concurrency:<3} ours mixed / ours base {ours_mixed / ours_base:>25.2f}")
+        if concurrency in round_ratios:
+            ratios = round_ratios[concurrency]
+            print(f"ratio    c={concurrency:<3} ours mixed / ours base, median of rounds "
+                  f"{statistics.median(ratios):>11.2f}  ({', '.join(f'{r:.2f}' for r in ratios)})")
         if ("vllm", f"base only c={concurrency}") in table:
             print(f"ratio    c={concurrency:<3} ours base / vLLM base "
                   f"{ours_base / table[('vllm', f'base only c={concurrency}')]:>26.2f}")
@@ -674,6 +696,9 @@ def main() -> None:
                         help="only the generation run mixing every kind against LoRA-only mixing (mixed batching)")
     parser.add_argument("--generation-only", action="store_true",
                         help="only generation, ours and vLLM, at 1, 4, 16 and 64 concurrent streams")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="--generation-only: measure each concurrency this many times per server, alternating, "
+                        "and report medians (the host's speed drifts between measurements)")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--vllm-python", metavar="PATH",
                         help="python of an environment with vLLM: also measure vLLM on the same LoRA adapters")
@@ -697,7 +722,8 @@ def main() -> None:
         kinds_run(store, adapters, gen_prompts, args.port or _free_port())
         return
     if args.generation_only:
-        generation_run(store, base, adapters, gen_prompts, args.port or _free_port(), args.vllm_python, prefix)
+        generation_run(store, base, adapters, gen_prompts, args.port or _free_port(), args.vllm_python, prefix,
+                       max(1, args.rounds))
         return
     one = adapters["classification"][0]
     for batching in ("mixed", "grouped"):
