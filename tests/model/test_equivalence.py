@@ -14,8 +14,12 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from service.domain import GenerationParams
 from service.model.adapters import LoadedAdapter
 from service.model.generation import generate
+from service.model.loading import load_base_model
+from service.model.owned.slot_cache import CacheLimits
 from service.model.runner import GenerationJob, ModelRunner
+from service.settings import Settings
 from service.store.store import AdapterStore
+from tests.conftest import TINY_ID
 
 TEXTS = [
     "hello world",
@@ -104,9 +108,19 @@ def test_generator_changes_the_base_answer(name: str, runner: ModelRunner, store
     assert len(changed) >= len(TEXTS) - 1, (name, ours, base)
 
 
+@pytest.fixture(scope="module")
+def static_decode_runner(tiny_base: Path) -> ModelRunner:
+    """Decode steps in static shapes (what CUDA graphs replay), run eagerly here."""
+    loaded = load_base_model(Settings(base_model=str(tiny_base), base_model_aliases=[TINY_ID]))
+    return ModelRunner(loaded, limits=CacheLimits(decode_graphs="on"))
+
+
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
 @pytest.mark.parametrize("name", GENERATORS + [None])
-def test_greedy_generation_matches_peft(name: str | None, runner: ModelRunner, store: AdapterStore,
+def test_greedy_generation_matches_peft(name: str | None, decode: str, runner: ModelRunner,
+                                        static_decode_runner: ModelRunner, store: AdapterStore,
                                         tiny_base: Path, tiny_adapters: dict[str, Path]) -> None:
+    runner = static_decode_runner if decode == "static" else runner
     adapter = None if name is None else runner.load(store.get(name))
     tokenizer = runner.base.tokenizer
     lengths = [3, 12, 7, 16]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from service.domain import GenerationParams
-from service.model.events import DoneEvent
+from service.model.events import DoneEvent, FailedEvent
 from service.model.generation import Engines, generate
 from service.model.loading import load_base_model
 from service.model.owned import engine as engine_module
@@ -204,6 +204,39 @@ def test_cache_memory_holding_nan_is_never_read_unmasked(tiny_base: Path) -> Non
         jobs = [_job(runner, p, n) for p, n in (("a", 3), ("bb cc", 9), ("dd", 6))]
         texts.append([g.text for g in generate(runner, [None] * 3, jobs)])
     assert texts[0] == texts[1]
+
+
+def test_a_row_whose_adapter_breaks_mid_decode_fails_alone(tiny_base: Path, dynamic_runner: ModelRunner,
+                                                           store: AdapterStore) -> None:
+    """NaN written into one LoRA adapter's pool slot between decode steps: its row's logits go non-finite, the step
+    is taken back and run again by adapter group, and only that row fails; the others finish as they would alone."""
+    rows = [("lora-gen", "the row that breaks", 12), ("prefix-gen", "a prefix row", 10), (None, "a base row", 9),
+            ("lora-gen-mlp", "another lora", 11)]
+    expected = {}
+    for index, (name, prompt, n) in enumerate(rows):
+        adapter = dynamic_runner.load(store.get(name)) if name else None
+        expected[index] = generate(dynamic_runner, [adapter], [_job(dynamic_runner, prompt, n)])[0].text
+        if adapter is not None:
+            dynamic_runner.unload(adapter)
+    runner = _runner(tiny_base, "on")
+    adapters = [runner.load(store.get(name)) if name else None for name, _, _ in rows]
+    engines = Engines(runner)
+    events = engines.step([(i, adapters[i], _job(runner, p, n)) for i, (_, p, n) in enumerate(rows)])
+    for _ in range(3):
+        events += engines.step()
+    assert _graphs(runner).built >= 1
+    gathered = runner.gathered
+    slot = gathered.slots([adapters[0].peft_name])[0]  # type: ignore[union-attr]
+    for module in runner.owned.forward.modules[0].values():  # type: ignore[union-attr]
+        stack = gathered.stack(module)
+        if stack is not None and stack.ranks[slot] > 0:
+            stack.a[slot] = float("nan")
+    while engines.active:
+        events += engines.step()
+    failed = [e.handle for e in events if isinstance(e, FailedEvent)]
+    assert failed == [0]
+    done = {e.handle: e.generation.text for e in events if isinstance(e, DoneEvent)}
+    assert done == {i: text for i, text in expected.items() if i != 0}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (none here: unverified)")
