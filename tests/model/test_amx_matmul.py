@@ -51,6 +51,26 @@ def test_matches_the_float32_product(rows: int, out_features: int, in_features: 
     _assert_within_rounding(got, _reference(x, weight, bias))
 
 
+@pytest.mark.parametrize("rows", [1, 17, 64, 600])
+@pytest.mark.parametrize("width,in_features", [(64, 40), (1536, 576), (96, 1536)])
+def test_gate_up_with_silu_mul_gives_the_unfused_bits(rows: int, width: int, in_features: int) -> None:
+    """One kernel for a fused gate/up matmul and SiLU(gate) * up: bit for bit amx_linear then silu_mul, in one
+    panel of rows and past it, with a K that is not a multiple of 32 too."""
+    generator = torch.Generator().manual_seed(rows + width)
+    weight = (torch.randn(2 * width, in_features, generator=generator) * 0.1).to(torch.bfloat16)
+    x = torch.randn(rows, in_features, generator=generator).to(torch.bfloat16)
+    ops = torch.ops.adapter_service
+    packed = ops.amx_pack(weight)
+    unfused = ops.silu_mul(ops.amx_linear(x, packed, 2 * width, None))
+    fused = ops.amx_linear_silu_mul(x, packed, width)
+    assert torch.equal(fused, unfused)
+    silu = torch.nn.functional.silu
+    expected = silu(_reference(x, weight[:width], None)) * _reference(x, weight[width:], None)
+    assert (fused.float() - expected).abs().max().item() <= 0.05 * expected.abs().max().item()
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        ops.amx_linear_silu_mul(x, ops.amx_pack(weight[:80]), 40)
+
+
 # Column blocks split among threads, rows split (many rows, few columns), row panels (past 512 rows).
 @pytest.mark.parametrize("rows,out_features,in_features", [(40, 3072, 576), (2048, 64, 96), (1100, 160, 64)])
 def test_one_thread_and_a_team_agree(rows: int, out_features: int, in_features: int) -> None:

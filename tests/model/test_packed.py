@@ -17,7 +17,7 @@ from service.metrics import Metrics
 from service.model.generation import generate
 from service.model.loading import load_base_model
 from service.model.owned.kernels import amx_matmul_available
-from service.model.owned.matmul import Packing, choose_packing
+from service.model.owned.matmul import Matmul, Packing, choose_packing
 from service.model.owned.slot_cache import CacheLimits
 from service.model.runner import GenerationJob, ModelRunner
 from service.settings import Settings
@@ -82,3 +82,39 @@ def test_transformers_path_through_packed_modules_matches_peft(bf16_runner: Mode
         expected = torch.softmax(model(**tokenizer(text, return_tensors="pt")).logits.float(), -1)[0]
     assert torch.allclose(got, expected, atol=2e-2)
     bf16_runner.unload(adapter)
+
+
+def test_gate_up_and_its_activation_run_as_one_kernel_with_the_same_text(bf16_runner: ModelRunner,
+                                                                        store: AdapterStore,
+                                                                        request: pytest.FixtureRequest,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With AMX, gate/up and SiLU-and-mul are one kernel in every layer no step adapter changes gate/up (base rows,
+    LoRA on q/v); a LoRA on gate_proj keeps the two apart in the steps it runs in. The text is the same either way."""
+    if request.node.callspec.params["bf16_runner"] is not Packing.AMX:
+        pytest.skip("the fused kernel is AMX's")
+    assert bf16_runner.owned is not None
+    forward = bf16_runner.owned.forward
+    assert forward.fused_activation
+    calls = []
+    fused = Matmul.silu_mul
+    monkeypatch.setattr(Matmul, "silu_mul", lambda self, x: calls.append(x.shape[0]) or fused(self, x))
+    names = [None, "lora-gen", "lora-gen-mlp", "ia3-gen"]
+    adapters = [bf16_runner.load(store.get(name)) if name else None for name in names]
+    tokenizer = bf16_runner.base.tokenizer
+    texts = {}
+    for mode in (True, False):
+        forward.fused_activation = mode
+        try:
+            for index, adapter in enumerate(adapters):
+                jobs = [GenerationJob(GenerationParams(prompt=f"text {index}", max_new_tokens=8),
+                                      tokenizer(f"text {index}")["input_ids"])]
+                texts[(mode, index)] = generate(bf16_runner, [adapter], jobs)[0].text
+                if mode:
+                    assert bool(calls) == (names[index] in (None, "lora-gen", "ia3-gen")), names[index]
+                    calls.clear()
+        finally:
+            forward.fused_activation = True
+    for adapter in adapters:
+        if adapter is not None:
+            bf16_runner.unload(adapter)
+    assert all(texts[(True, index)] == texts[(False, index)] for index in range(len(names)))

@@ -56,6 +56,9 @@ class StepAdapters(Protocol):
     def scale(self, layer: int, module: str, of_input: bool = False) -> torch.Tensor | None:
         """IA3 per-token scales [tokens, features] of this module's output (or its input)."""
 
+    def touches(self, layer: int, names: tuple[str, ...]) -> bool:
+        """Whether ``adapt`` may change the fused output of these modules of a layer."""
+
 
 @dataclass
 class _Layer:
@@ -118,6 +121,10 @@ class LlamaForward:
         scaling = rotary.attention_scaling
         self.cos = (angles.cos() * scaling).to(self.embed.dtype)
         self.sin = (angles.sin() * scaling).to(self.embed.dtype)
+        # Whether gate/up and SiLU-and-mul run as one kernel where no adapter changes gate/up (the kernels' own
+        # SiLU, so the bits are the unfused pair's).
+        self.fused_activation: bool = (isinstance(self.ops, KernelOps)
+                                       and all(layer.gate_up.fuses_silu_mul for layer in self.layers))
         # Whether every matmul and step op of a step runs in the service's kernels (none in torch's own).
         self.kernels_only: bool = (isinstance(self.ops, KernelOps) and self.amx_head
                                    and all(m.packing is Packing.AMX for layer in self.layers
@@ -141,6 +148,7 @@ class LlamaForward:
         ops = self.ops
         tokens = x.shape[0]
         rotated = self.heads + self.kv_heads
+        fused_activation = self.fused_activation
         h = ops.add_norm(x, None, self.layers[0].input_norm, self.eps)
         for index, layer in enumerate(self.layers):
             qkv = layer.qkv(h)
@@ -155,10 +163,13 @@ class LlamaForward:
             if adapters is not None:
                 adapters.adapt(index, _O, attention, o)
             h = ops.add_norm(x, o, layer.post_norm, self.eps)
-            gate_up = layer.gate_up(h)
-            if adapters is not None:
-                adapters.adapt(index, _GATE_UP, h, gate_up)
-            act = ops.silu_mul(gate_up)
+            if fused_activation and (adapters is None or not adapters.touches(index, _GATE_UP)):
+                act = layer.gate_up.silu_mul(h)
+            else:
+                gate_up = layer.gate_up(h)
+                if adapters is not None:
+                    adapters.adapt(index, _GATE_UP, h, gate_up)
+                act = ops.silu_mul(gate_up)
             if adapters is not None:
                 scale = adapters.scale(index, "down_proj", of_input=True)
                 if scale is not None:

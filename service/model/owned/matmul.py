@@ -63,6 +63,18 @@ class Matmul:
     def packed(self) -> bool:
         return self.packing is not Packing.DENSE
 
+    @property
+    def fuses_silu_mul(self) -> bool:
+        """Whether ``silu_mul`` runs in one kernel (AMX packing, no bias, halves of whole 32-column blocks)."""
+        return self.packing is Packing.AMX and self.bias is None and self.out_features % 64 == 0
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """SiLU of the first half of x @ W^T times its second half (a fused gate/up), [..., out / 2]: the same bits
+        as ``self(x)`` then the kernels' ``silu_mul``, without writing the product and reading it back."""
+        flat = x.reshape(-1, self.in_features)
+        out = torch.ops.adapter_service.amx_linear_silu_mul(flat, self.weight, self.out_features // 2)
+        return out.view(*x.shape[:-1], self.out_features // 2)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packing is Packing.DENSE:
             return F.linear(x, self.weight, self.bias)

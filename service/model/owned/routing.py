@@ -65,6 +65,9 @@ class OwnedAdapters:
         """The IA3 pool's per-slot scales of a layer's module (of its input or output), None if no adapter has any."""
         return self.ia3.scales(self._paths[layer][module], of_input)
 
+    def module_path(self, layer: int, module: str) -> str:
+        return self._paths[layer][module]
+
     def serves(self, adapter: LoadedAdapter | None) -> bool:
         """Whether the owned forward computes this adapter exactly (else its rows take the transformers path)."""
         if adapter is None:
@@ -198,6 +201,9 @@ class StepAdapters:
             self._span = high - self._low
             self._index = torch.tensor([slot - self._low for slot in decode_slots], device=device)
             self._dense = self._span == decode_rows
+        # The base layers the step's LoRA adapters adapt and the module paths its IA3 adapters scale (``touches``).
+        self._lora_layers: set[int] = set().union(*(owned.gathered.layers_of(n) for n in set(lora or ()) if n))
+        self._ia3_paths: set[str] = set().union(*(owned.ia3.paths_of(n) for n in set(ia3 or ()) if n))
         self._token_ia3: torch.Tensor | None = None
         if ia3 is not None:
             self._token_ia3 = torch.repeat_interleave(torch.tensor(owned.ia3.slots(ia3), device=device), counts)
@@ -217,6 +223,11 @@ class StepAdapters:
                 scale = self.scale(layer, name)
                 if scale is not None:
                     output[:, self._owned.forward.slices[name]] *= scale
+
+    def touches(self, layer: int, names: tuple[str, ...]) -> bool:
+        modules = self._owned.forward.modules[layer]
+        return any(id(modules[name]) in self._lora_layers or self._owned.module_path(layer, name) in self._ia3_paths
+                   for name in names)
 
     def _add_lora(self, stack: ModuleStack, x: torch.Tensor, out: torch.Tensor) -> None:
         """Without the kernel: batched matmuls over the decode rows' copies, one adapter's per prompt chunk."""
@@ -273,3 +284,10 @@ class SlotStepAdapters:
             return None
         scales = self._owned.ia3_scales(layer, module, of_input)
         return None if scales is None else scales.index_select(0, self._ia3)
+
+    def touches(self, layer: int, names: tuple[str, ...]) -> bool:
+        """Whether any resident adapter has a stack on these modules (its rows may not be in the step: that only
+        costs a fusion, which the static step, for GPUs, has none of)."""
+        if self._lora is not None and self._owned.lora_stacks(layer, names).stacks:
+            return True
+        return self._ia3 is not None and any(self._owned.ia3_scales(layer, name, False) is not None for name in names)

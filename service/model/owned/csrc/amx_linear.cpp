@@ -13,6 +13,7 @@
 // bf16, as oneDNN does.
 
 #include <ATen/ATen.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -143,6 +144,29 @@ AMX_TARGET void store_block(const float* sums, const float* bias, int64_t rows, 
     const __m256bh second = _mm512_cvtneps_pbh(_mm512_add_ps(_mm512_loadu_ps(sums + r * kBlockN + 16), bias_high));
     _mm256_mask_storeu_epi16(out + r * out_stride, low, (__m256i)first);
     _mm256_mask_storeu_epi16(out + r * out_stride + 16, high, (__m256i)second);
+  }
+}
+
+// SiLU(gate) * up for a block's rows x 32 columns, from the float sums of a gate block and its up block: each sum
+// rounded to bf16 as store_block rounds it, then what silu_mul (cpu_kernels.cpp) computes from those bf16 values,
+// with the same vector ops, so the result has the bits of the unfused pair.
+AMX_TARGET void store_silu_mul_block(const float* gate, const float* up, int64_t rows, at::BFloat16* out,
+                                     int64_t out_stride) {
+  using Vec = at::vec::Vectorized<float>;
+  const auto as_bf16 = [](const Vec& v) -> Vec {
+    const __m256i bits = (__m256i)_mm512_cvtneps_pbh(v);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+  };
+  const Vec zero(0.f), one(1.f);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t half = 0; half < 2; ++half) {
+      const int64_t at = r * kBlockN + half * 16;
+      const Vec g = as_bf16(Vec::loadu(gate + at) + zero);
+      const Vec u = as_bf16(Vec::loadu(up + at) + zero);
+      const Vec product = as_bf16(g / (one + g.neg().exp_u20())) * u;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * out_stride + half * 16),
+                          (__m256i)_mm512_cvtneps_pbh(product));
+    }
   }
 }
 
@@ -282,15 +306,79 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out
   return out;
 }
 
+// SiLU(x W_gate^T) * (x W_up^T) from one packed [2 * width, K] weight (gate rows, then up rows; no bias): each
+// thread takes a gate column block and its up block together, so the [rows, 2 * width] product is never written
+// and read back. The same bits as amx_linear followed by silu_mul. Panels of rows as amx_linear's.
+at::Tensor amx_linear_silu_mul(const at::Tensor& x, const at::Tensor& packed, int64_t width) {
+  TORCH_CHECK(amx_available(), "this CPU has no AMX with bf16 (or the kernel does not allow this process its tiles)");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(), "x: 2-D bfloat16 on the CPU");
+  TORCH_CHECK(width > 0 && width % kBlockN == 0, "width: a multiple of ", kBlockN);
+  const int64_t m = x.size(0), k = x.size(1), n = 2 * width;
+  const int64_t n_blocks = n / kBlockN, half_blocks = n_blocks / 2, k_steps = round_up(k, kBlockK) / kBlockK;
+  TORCH_CHECK(packed.dim() == 1 && packed.is_contiguous() && packed.scalar_type() == at::kBFloat16 &&
+                  packed.numel() == n_blocks * kBlockN * k_steps * kBlockK,
+              "packed weight: amx_pack of a [", n, ", ", k, "] weight");
+  at::Tensor out = at::empty({m, width}, x.options());
+  if (m == 0) return out;
+#ifdef ADAPTER_SERVICE_AMX
+  at::Tensor input = x;
+  if (k % kBlockK != 0 || x.stride(1) != 1) {
+    input = at::zeros({m, k_steps * kBlockK}, x.options());
+    input.narrow(1, 0, k).copy_(x);
+  }
+  const at::BFloat16* input_data = input.data_ptr<at::BFloat16>();
+  const int64_t input_stride = input.stride(0);
+  const at::BFloat16* weight = packed.data_ptr<at::BFloat16>();
+  at::BFloat16* out_data = out.data_ptr<at::BFloat16>();
+  const int64_t block_weight = kBlockN * k_steps * kBlockK;
+  const int64_t ahead = kPrefetchAhead * 2 * kTileElements, lines = 2 * kTileElements * 2 / 64;
+  const bool blocks_stay_cached = 2 * block_weight * static_cast<int64_t>(sizeof(at::BFloat16)) <= 256 * 1024;
+  const auto enter = [] { configured_rows = 0; };
+  const auto leave = [] {
+    if (configured_rows != 0) release_tiles();
+    configured_rows = 0;
+  };
+  for (int64_t first = 0; first < m; first += kPanelRows) {
+    const int64_t last = std::min(m, first + kPanelRows);
+    adapter_service::parallel_for_stealing(
+        half_blocks,
+        [&](int64_t block) {
+          const at::BFloat16* gate_weight = weight + block * block_weight;
+          const at::BFloat16* up_weight = weight + (block + half_blocks) * block_weight;
+          for (int64_t row = first; row < last; row += kBlockM) {
+            alignas(64) float gate[kBlockM * kBlockN];
+            alignas(64) float up[kBlockM * kBlockN];
+            const int64_t rows = std::min(kBlockM, last - row);
+            if (rows != configured_rows) {
+              configure_tiles(rows);
+              configured_rows = rows;
+            }
+            const bool stream = row == first || !blocks_stay_cached;
+            const at::BFloat16* rows_input = input_data + row * input_stride;
+            block_sums(rows_input, input_stride, gate_weight, k_steps, rows > kTileRows, gate,
+                       stream ? reinterpret_cast<const char*>(gate_weight + ahead) : nullptr, stream ? lines : 0);
+            block_sums(rows_input, input_stride, up_weight, k_steps, rows > kTileRows, up,
+                       stream ? reinterpret_cast<const char*>(up_weight + ahead) : nullptr, stream ? lines : 0);
+            store_silu_mul_block(gate, up, rows, out_data + row * width + block * kBlockN, width);
+          }
+        },
+        enter, leave);
+  }
+#endif
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(adapter_service, m) {
   m.def("amx_available() -> bool", [] { return amx_available(); });
   m.def("amx_pack(Tensor weight) -> Tensor");
   m.def("amx_linear(Tensor x, Tensor packed, int out_features, Tensor? bias) -> Tensor");
+  m.def("amx_linear_silu_mul(Tensor x, Tensor packed, int width) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(adapter_service, CPU, m) {
   m.impl("amx_pack", amx_pack);
   m.impl("amx_linear", amx_linear);
+  m.impl("amx_linear_silu_mul", amx_linear_silu_mul);
 }
