@@ -172,6 +172,28 @@ AMX_TARGET void store_silu_mul_block(const float* gate, const float* up, int64_t
 
 thread_local int64_t configured_rows = 0;  // the tile configuration a team thread holds during a call (0: none)
 
+// A team thread's tiles over a call: configured for a pass's row count when it changes, released at the end.
+void enter_tiles() { configured_rows = 0; }
+void leave_tiles() {
+  if (configured_rows != 0) release_tiles();
+  configured_rows = 0;
+}
+void tiles_for(int64_t rows) {
+  if (rows != configured_rows) {
+    configure_tiles(rows);
+    configured_rows = rows;
+  }
+}
+
+// The tile unit reads whole 32-value steps of K along rows of the input: x itself, or a copy padded with zeros
+// if K is not a multiple of 32 (or its rows are strided).
+at::Tensor padded_input(const at::Tensor& x, int64_t k_steps) {
+  if (x.size(1) % kBlockK == 0 && x.stride(1) == 1) return x;
+  at::Tensor input = at::zeros({x.size(0), k_steps * kBlockK}, x.options());
+  input.narrow(1, 0, x.size(1)).copy_(x);
+  return input;
+}
+
 #endif  // ADAPTER_SERVICE_AMX
 
 bool amx_available() {
@@ -181,6 +203,18 @@ bool amx_available() {
 #else
   return false;
 #endif
+}
+
+// x [m, k] in bf16 on the CPU, and `packed` an amx_pack of an [n, k] weight; returns the K steps.
+int64_t check_amx_operands(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
+  TORCH_CHECK(amx_available(), "this CPU has no AMX with bf16 (or the kernel does not allow this process its tiles)");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(), "x: 2-D bfloat16 on the CPU");
+  const int64_t k = x.size(1);
+  const int64_t n_blocks = round_up(n, kBlockN) / kBlockN, k_steps = round_up(k, kBlockK) / kBlockK;
+  TORCH_CHECK(packed.dim() == 1 && packed.is_contiguous() && packed.scalar_type() == at::kBFloat16 &&
+                  packed.numel() == n_blocks * kBlockN * k_steps * kBlockK,
+              "packed weight: amx_pack of a [", n, ", ", k, "] weight");
+  return k_steps;
 }
 
 // weight [N, K] -> 1-D, by 32-column block, then K step, then the block's two tiles, each 16 pairs of K x 16 columns
@@ -213,13 +247,8 @@ at::Tensor amx_pack(const at::Tensor& weight) {
 
 at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
                       const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(amx_available(), "this CPU has no AMX with bf16 (or the kernel does not allow this process its tiles)");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(), "x: 2-D bfloat16 on the CPU");
-  const int64_t m = x.size(0), k = x.size(1), n = out_features;
-  const int64_t n_blocks = round_up(n, kBlockN) / kBlockN, k_steps = round_up(k, kBlockK) / kBlockK;
-  TORCH_CHECK(packed.dim() == 1 && packed.is_contiguous() && packed.scalar_type() == at::kBFloat16 &&
-                  packed.numel() == n_blocks * kBlockN * k_steps * kBlockK,
-              "packed weight: amx_pack of a [", n, ", ", k, "] weight");
+  const int64_t m = x.size(0), n = out_features;
+  const int64_t k_steps = check_amx_operands(x, packed, n), n_blocks = round_up(n, kBlockN) / kBlockN;
   at::Tensor bias_float;
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "bias: [", n, "]");
@@ -228,12 +257,7 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out
   at::Tensor out = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return out;
 #ifdef ADAPTER_SERVICE_AMX
-  // The tile unit reads whole 32-value steps of K along rows of the input: pad K if it is not a multiple of 32.
-  at::Tensor input = x;
-  if (k % kBlockK != 0 || x.stride(1) != 1) {
-    input = at::zeros({m, k_steps * kBlockK}, x.options());
-    input.narrow(1, 0, k).copy_(x);
-  }
+  const at::Tensor input = padded_input(x, k_steps);
   const at::BFloat16* input_data = input.data_ptr<at::BFloat16>();
   const int64_t input_stride = input.stride(0);
   const at::BFloat16* weight = packed.data_ptr<at::BFloat16>();
@@ -244,19 +268,11 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out
   // `prefetch`).
   auto pass_over = [&](int64_t row, int64_t rows, int64_t block, const char* prefetch, int64_t prefetch_lines) {
     alignas(64) float sums[kBlockM * kBlockN];
-    if (rows != configured_rows) {
-      configure_tiles(rows);
-      configured_rows = rows;
-    }
+    tiles_for(rows);
     const int64_t column = block * kBlockN, columns = std::min(kBlockN, n - column);
     block_sums(input_data + row * input_stride, input_stride, weight + block * block_weight, k_steps,
                rows > kTileRows, sums, prefetch, prefetch_lines);
     store_block(sums, bias_data ? bias_data + column : nullptr, rows, columns, out_data + row * n + column, n);
-  };
-  const auto enter = [] { configured_rows = 0; };
-  const auto leave = [] {
-    if (configured_rows != 0) release_tiles();
-    configured_rows = 0;
   };
   if (n_blocks <= kRowSplitBlocks && m >= kRowSplitRows) {
     // Few output columns and many rows (a head computed as head x hidden^T, whose rows are the vocabulary): the
@@ -277,7 +293,7 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out
             pass_over(row, rows, block, block == 0 ? next_rows : nullptr, lines_per_step);
           }
         },
-        enter, leave);
+        enter_tiles, leave_tiles);
     return out;
   }
   // Passes after the first over a block's rows find its weights in L2 when they fit beside the input rows (all of
@@ -300,7 +316,7 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out
                       stream ? 2 * kTileElements * 2 / 64 : 0);
           }
         },
-        enter, leave);
+        enter_tiles, leave_tiles);
   }
 #endif
   return out;
@@ -310,22 +326,12 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out
 // thread takes a gate column block and its up block together, so the [rows, 2 * width] product is never written
 // and read back. The same bits as amx_linear followed by silu_mul. Panels of rows as amx_linear's.
 at::Tensor amx_linear_silu_mul(const at::Tensor& x, const at::Tensor& packed, int64_t width) {
-  TORCH_CHECK(amx_available(), "this CPU has no AMX with bf16 (or the kernel does not allow this process its tiles)");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(), "x: 2-D bfloat16 on the CPU");
   TORCH_CHECK(width > 0 && width % kBlockN == 0, "width: a multiple of ", kBlockN);
-  const int64_t m = x.size(0), k = x.size(1), n = 2 * width;
-  const int64_t n_blocks = n / kBlockN, half_blocks = n_blocks / 2, k_steps = round_up(k, kBlockK) / kBlockK;
-  TORCH_CHECK(packed.dim() == 1 && packed.is_contiguous() && packed.scalar_type() == at::kBFloat16 &&
-                  packed.numel() == n_blocks * kBlockN * k_steps * kBlockK,
-              "packed weight: amx_pack of a [", n, ", ", k, "] weight");
+  const int64_t m = x.size(0), k_steps = check_amx_operands(x, packed, 2 * width), half_blocks = width / kBlockN;
   at::Tensor out = at::empty({m, width}, x.options());
   if (m == 0) return out;
 #ifdef ADAPTER_SERVICE_AMX
-  at::Tensor input = x;
-  if (k % kBlockK != 0 || x.stride(1) != 1) {
-    input = at::zeros({m, k_steps * kBlockK}, x.options());
-    input.narrow(1, 0, k).copy_(x);
-  }
+  const at::Tensor input = padded_input(x, k_steps);
   const at::BFloat16* input_data = input.data_ptr<at::BFloat16>();
   const int64_t input_stride = input.stride(0);
   const at::BFloat16* weight = packed.data_ptr<at::BFloat16>();
@@ -333,11 +339,6 @@ at::Tensor amx_linear_silu_mul(const at::Tensor& x, const at::Tensor& packed, in
   const int64_t block_weight = kBlockN * k_steps * kBlockK;
   const int64_t ahead = kPrefetchAhead * 2 * kTileElements, lines = 2 * kTileElements * 2 / 64;
   const bool blocks_stay_cached = 2 * block_weight * static_cast<int64_t>(sizeof(at::BFloat16)) <= 256 * 1024;
-  const auto enter = [] { configured_rows = 0; };
-  const auto leave = [] {
-    if (configured_rows != 0) release_tiles();
-    configured_rows = 0;
-  };
   for (int64_t first = 0; first < m; first += kPanelRows) {
     const int64_t last = std::min(m, first + kPanelRows);
     adapter_service::parallel_for_stealing(
@@ -349,10 +350,7 @@ at::Tensor amx_linear_silu_mul(const at::Tensor& x, const at::Tensor& packed, in
             alignas(64) float gate[kBlockM * kBlockN];
             alignas(64) float up[kBlockM * kBlockN];
             const int64_t rows = std::min(kBlockM, last - row);
-            if (rows != configured_rows) {
-              configure_tiles(rows);
-              configured_rows = rows;
-            }
+            tiles_for(rows);
             const bool stream = row == first || !blocks_stay_cached;
             const at::BFloat16* rows_input = input_data + row * input_stride;
             block_sums(rows_input, input_stride, gate_weight, k_steps, rows > kTileRows, gate,
@@ -362,7 +360,7 @@ at::Tensor amx_linear_silu_mul(const at::Tensor& x, const at::Tensor& packed, in
             store_silu_mul_block(gate, up, rows, out_data + row * width + block * kBlockN, width);
           }
         },
-        enter, leave);
+        enter_tiles, leave_tiles);
   }
 #endif
   return out;
