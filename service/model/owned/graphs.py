@@ -141,13 +141,17 @@ class DecodeGraphs:
 
     def covers(self, slots: Sequence[int]) -> bool:
         """Whether decode rows in these cache slots (ascending) are at least half of their bucket's batch."""
-        return 2 * len(slots) >= next(size for size in self.sizes if size > slots[-1])
+        return 2 * len(slots) >= self._size(slots)
+
+    def _size(self, slots: Sequence[int]) -> int:
+        """The bucket of decode rows in these cache slots (ascending): the smallest batch over their highest."""
+        return next(size for size in self.sizes if size > slots[-1])
 
     def __call__(self, embeddings: torch.Tensor, slots: Sequence[int], positions: Sequence[int],
                  lora: Sequence[int] | None, ia3: Sequence[int] | None) -> torch.Tensor:
         """The final-normed hidden states [rows, hidden] of decode rows in these cache slots (ascending), with
         these input embeddings, positions and pool slots."""
-        size = next(size for size in self.sizes if size > slots[-1])
+        size = self._size(slots)
         length = length_bucket(max(positions) + 1, self._cache.shape.slot_tokens)
         key = _Key(size, length, lora is not None, ia3 is not None)
         layout = self._adapters.layout()

@@ -63,7 +63,7 @@ class OwnedAdapters:
 
     def ia3_scales(self, layer: int, module: str, of_input: bool) -> torch.Tensor | None:
         """The IA3 pool's per-slot scales of a layer's module (of its input or output), None if no adapter has any."""
-        return self.ia3.scales(self._paths[layer][module], of_input)
+        return self.ia3.scales(self.module_path(layer, module), of_input)
 
     def module_path(self, layer: int, module: str) -> str:
         return self._paths[layer][module]
@@ -91,9 +91,8 @@ class OwnedAdapters:
 
     def pool_slots(self, adapters: Sequence[LoadedAdapter | None]) -> tuple[list[int] | None, list[int] | None]:
         """Each row's LoRA pool slot and IA3 pool slot (None where no row has one of that kind)."""
-        lora = [a.peft_name if a is not None and a.peft_name is not None else None for a in adapters]
-        ia3 = [a.pool_name if a is not None and a.ia3 is not None else None for a in adapters]
-        return (self.gathered.slots(lora) if any(lora) else None, self.ia3.slots(ia3) if any(ia3) else None)
+        lora, ia3 = _pool_names(adapters)
+        return (self.gathered.slots(lora) if lora else None, self.ia3.slots(ia3) if ia3 else None)
 
     def admit(self, cache_slot: int, adapter: LoadedAdapter | None) -> None:
         """A row joins in ``cache_slot``: its LoRA matrices (or zeros) are written there for its decode steps."""
@@ -107,13 +106,18 @@ class OwnedAdapters:
                  chunks: Sequence[tuple[LoadedAdapter | None, int]]) -> StepAdapters | None:
         """The step's routing: decode rows' adapters (and cache slots, ascending), then each chunk's adapter and
         token count."""
-        adapters = list(decode) + [adapter for adapter, _ in chunks]
-        lora = [a.peft_name if a is not None and a.peft_name is not None else None for a in adapters]
-        ia3 = [a.pool_name if a is not None and a.ia3 is not None else None for a in adapters]
-        if not any(lora) and not any(ia3):
+        lora, ia3 = _pool_names(list(decode) + [adapter for adapter, _ in chunks])
+        if lora is None and ia3 is None:
             return None
-        return StepAdapters(self, lora if any(lora) else None, ia3 if any(ia3) else None, list(decode_slots),
-                            [count for _, count in chunks])
+        return StepAdapters(self, lora, ia3, list(decode_slots), [count for _, count in chunks])
+
+
+def _pool_names(adapters: Sequence[LoadedAdapter | None]) -> tuple[list[str | None] | None, list[str | None] | None]:
+    """Each row's name in the LoRA pool and in the IA3 pool (None for a row with none; None for the whole list
+    where no row has one of that kind)."""
+    lora = [a.peft_name if a is not None and a.peft_name is not None else None for a in adapters]
+    ia3 = [a.pool_name if a is not None and a.ia3 is not None else None for a in adapters]
+    return (lora if any(lora) else None, ia3 if any(ia3) else None)
 
 
 class LayerLora:
@@ -219,10 +223,7 @@ class StepAdapters:
                 for columns, stack in lora.stacks:
                     self._add_lora(stack, x, output[:, columns])
         if self._token_ia3 is not None:
-            for name in names:
-                scale = self.scale(layer, name)
-                if scale is not None:
-                    output[:, self._owned.forward.slices[name]] *= scale
+            _scale_outputs(self._owned, self._token_ia3, layer, names, output)
 
     def touches(self, layer: int, names: tuple[str, ...]) -> bool:
         modules = self._owned.forward.modules[layer]
@@ -251,9 +252,7 @@ class StepAdapters:
     def scale(self, layer: int, module: str, of_input: bool = False) -> torch.Tensor | None:
         if self._token_ia3 is None:
             return None
-        scales = self._owned.ia3_scales(layer, module, of_input)
-        return None if scales is None else scales.index_select(0, self._token_ia3)
-
+        return _token_scales(self._owned, self._token_ia3, layer, module, of_input)
 
 
 class SlotStepAdapters:
@@ -274,16 +273,10 @@ class SlotStepAdapters:
                 delta = torch.bmm(torch.bmm(x.to(a.dtype).unsqueeze(1), a.transpose(1, 2)), b_t).squeeze(1)
                 output[:, columns] += delta.to(output.dtype)
         if self._ia3 is not None:
-            for name in names:
-                scale = self.scale(layer, name)
-                if scale is not None:
-                    output[:, self._owned.forward.slices[name]] *= scale
+            _scale_outputs(self._owned, self._ia3, layer, names, output)
 
     def scale(self, layer: int, module: str, of_input: bool = False) -> torch.Tensor | None:
-        if self._ia3 is None:
-            return None
-        scales = self._owned.ia3_scales(layer, module, of_input)
-        return None if scales is None else scales.index_select(0, self._ia3)
+        return None if self._ia3 is None else _token_scales(self._owned, self._ia3, layer, module, of_input)
 
     def touches(self, layer: int, names: tuple[str, ...]) -> bool:
         """Whether any resident adapter has a stack on these modules (its rows may not be in the step: that only
@@ -291,3 +284,19 @@ class SlotStepAdapters:
         if self._lora is not None and self._owned.lora_stacks(layer, names).stacks:
             return True
         return self._ia3 is not None and any(self._owned.ia3_scales(layer, name, False) is not None for name in names)
+
+
+def _token_scales(owned: OwnedAdapters, token_slots: torch.Tensor, layer: int, module: str,
+                  of_input: bool) -> torch.Tensor | None:
+    """Each token's IA3 scales of a module's output (or input) by its IA3 pool slot; None if no adapter has any."""
+    scales = owned.ia3_scales(layer, module, of_input)
+    return None if scales is None else scales.index_select(0, token_slots)
+
+
+def _scale_outputs(owned: OwnedAdapters, token_slots: torch.Tensor, layer: int, names: tuple[str, ...],
+                   output: torch.Tensor) -> None:
+    """Each module's columns of a fused output scaled, in place, by each token's IA3 vector."""
+    for name in names:
+        scale = _token_scales(owned, token_slots, layer, name, False)
+        if scale is not None:
+            output[:, owned.forward.slices[name]] *= scale
