@@ -14,6 +14,7 @@ themselves.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -205,9 +206,7 @@ class StepAdapters:
             self._span = high - self._low
             self._index = torch.tensor([slot - self._low for slot in decode_slots], device=device)
             self._dense = self._span == decode_rows
-        # The base layers the step's LoRA adapters adapt and the module paths its IA3 adapters scale (``touches``).
-        self._lora_layers: set[int] = set().union(*(owned.gathered.layers_of(n) for n in set(lora or ()) if n))
-        self._ia3_paths: set[str] = set().union(*(owned.ia3.paths_of(n) for n in set(ia3 or ()) if n))
+        self._lora_names, self._ia3_names = set(lora or ()) - {None}, set(ia3 or ()) - {None}
         self._token_ia3: torch.Tensor | None = None
         if ia3 is not None:
             self._token_ia3 = torch.repeat_interleave(torch.tensor(owned.ia3.slots(ia3), device=device), counts)
@@ -226,9 +225,18 @@ class StepAdapters:
             _scale_outputs(self._owned, self._token_ia3, layer, names, output)
 
     def touches(self, layer: int, names: tuple[str, ...]) -> bool:
+        lora_layers, ia3_paths = self._adapted
         modules = self._owned.forward.modules[layer]
-        return any(id(modules[name]) in self._lora_layers or self._owned.module_path(layer, name) in self._ia3_paths
+        return any(id(modules[name]) in lora_layers or self._owned.module_path(layer, name) in ia3_paths
                    for name in names)
+
+    @cached_property
+    def _adapted(self) -> tuple[set[int], set[str]]:
+        """The base layers the step's LoRA adapters adapt and the module paths its IA3 adapters scale (worked out
+        only for a step that asks ``touches``)."""
+        owned = self._owned
+        return (set().union(*(owned.gathered.layers_of(name) for name in self._lora_names)),
+                set().union(*(owned.ia3.paths_of(name) for name in self._ia3_names)))
 
     def _add_lora(self, stack: ModuleStack, x: torch.Tensor, out: torch.Tensor) -> None:
         """Without the kernel: batched matmuls over the decode rows' copies, one adapter's per prompt chunk."""
