@@ -238,7 +238,10 @@ def test_logits_as_columns_give_torchs_greedy_tokens(dtype: torch.dtype, rows: i
     top, index = top_logits(logits)
     expected_top, expected_index = expected.max(dim=-1)
     assert index[0] == 1000
-    assert torch.equal(index, expected_index) and torch.equal(top, expected_top.float())
+    assert torch.equal(index, expected_index)
+    # The same products summed by another BLAS kernel (the head as the left operand): on some CPUs (AMD Zen 5) the
+    # float32 sums come out in another order, so the maxima agree to float32's rounding rather than bit for bit.
+    torch.testing.assert_close(top, expected_top.float(), rtol=1e-6 if dtype == torch.float32 else 0, atol=0)
     broken = logits.clone().t().contiguous().t()  # the same transposed layout
     broken[0, 7] = float("nan")
     broken[rows - 1, 9] = float("inf")
