@@ -76,8 +76,9 @@ class Settings(BaseSettings):
     )
     cpu_matmul: Literal["auto", "onednn"] = Field(
         default="auto",
-        description="Owned forward's bf16 matmuls on a CPU: 'auto' runs the service's AMX kernel where the CPU has "
-        "AMX (and cpu_kernels is 'auto'), else oneDNN's prepacked matmul; 'onednn': oneDNN's always.",
+        description="Owned forward's bf16 matmuls on a CPU: 'auto' runs the service's packed kernel where the CPU "
+        "has AMX or AVX-512 BF16 (and cpu_kernels is 'auto'), else oneDNN's prepacked matmul; 'onednn': oneDNN's "
+        "always.",
     )
     decode_graphs: Literal["off", "on"] = Field(
         default="off",

@@ -34,7 +34,7 @@ def cache_limits(settings: Settings) -> CacheLimits:
         slots=settings.max_batch_size, cache_bytes=settings.kv_cache_bytes,
         row_tokens=settings.max_input_tokens + settings.max_virtual_tokens + settings.max_new_tokens_limit,
         max_batch_tokens=settings.max_batch_tokens, cpu_kernels=settings.cpu_kernels == "auto",
-        amx_matmul=settings.cpu_matmul == "auto", decode_graphs=settings.decode_graphs,
+        kernel_matmul=settings.cpu_matmul == "auto", decode_graphs=settings.decode_graphs,
     )
 
 

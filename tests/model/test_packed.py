@@ -1,6 +1,6 @@
-"""bf16 on a CPU: the owned forward's weights are prepacked (AMX's layout where the CPU has it, else oneDNN's) and
-held once, and both paths still give the plain model's answers (the HF modules compute through the packed
-matrices)."""
+"""bf16 on a CPU: the owned forward's weights are prepacked (the packed kernel's layout where the CPU has AMX or
+AVX-512 BF16, else oneDNN's) and held once, and both paths still give the plain model's answers (the HF modules
+compute through the packed matrices)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from service.domain import GenerationParams
 from service.metrics import Metrics
 from service.model.generation import generate
 from service.model.loading import load_base_model
-from service.model.owned.kernels import amx_matmul_available
+from service.model.owned.kernels import packed_matmul_available
 from service.model.owned.matmul import Matmul, Packing, choose_packing
 from service.model.owned.slot_cache import CacheLimits
 from service.model.runner import GenerationJob, ModelRunner
@@ -25,16 +25,16 @@ from service.store.store import AdapterStore
 from tests.conftest import TINY_ID
 
 pytestmark = pytest.mark.skipif(
-    choose_packing(torch.bfloat16, torch.device("cpu"), allow_amx=False) is not Packing.ONEDNN,
+    choose_packing(torch.bfloat16, torch.device("cpu"), allow_kernel=False) is not Packing.ONEDNN,
     reason="this CPU build of torch has no oneDNN weight packing")
 
 
-@pytest.fixture(scope="module", params=[Packing.AMX, Packing.ONEDNN], ids=lambda packing: packing.value)
+@pytest.fixture(scope="module", params=[Packing.KERNEL, Packing.ONEDNN], ids=lambda packing: packing.value)
 def bf16_runner(request: pytest.FixtureRequest, tiny_base: Path) -> ModelRunner:
-    if request.param is Packing.AMX and not amx_matmul_available():
-        pytest.skip("this CPU has no AMX with bf16")
+    if request.param is Packing.KERNEL and not packed_matmul_available():
+        pytest.skip("this CPU has neither AMX nor AVX-512 BF16")
     loaded = load_base_model(Settings(base_model=str(tiny_base), base_model_aliases=[TINY_ID], dtype="bfloat16"))
-    return ModelRunner(loaded, limits=CacheLimits(amx_matmul=request.param is Packing.AMX))
+    return ModelRunner(loaded, limits=CacheLimits(kernel_matmul=request.param is Packing.KERNEL))
 
 
 def test_weights_are_packed_and_held_once(bf16_runner: ModelRunner, request: pytest.FixtureRequest) -> None:
@@ -88,10 +88,11 @@ def test_gate_up_and_its_activation_run_as_one_kernel_with_the_same_text(bf16_ru
                                                                         store: AdapterStore,
                                                                         request: pytest.FixtureRequest,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """With AMX, gate/up and SiLU-and-mul are one kernel in every layer no step adapter changes gate/up (base rows,
-    LoRA on q/v); a LoRA on gate_proj keeps the two apart in the steps it runs in. The text is the same either way."""
-    if request.node.callspec.params["bf16_runner"] is not Packing.AMX:
-        pytest.skip("the fused kernel is AMX's")
+    """With the packed kernel, gate/up and SiLU-and-mul are one kernel in every layer no step adapter changes
+    gate/up (base rows, LoRA on q/v); a LoRA on gate_proj keeps the two apart in the steps it runs in. The text is
+    the same either way."""
+    if request.node.callspec.params["bf16_runner"] is not Packing.KERNEL:
+        pytest.skip("the fused kernel is the packed kernel's")
     assert bf16_runner.owned is not None
     forward = bf16_runner.owned.forward
     assert forward.fused_activation

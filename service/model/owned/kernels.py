@@ -1,11 +1,11 @@
 """The owned forward's CPU kernels (``csrc/``), compiled for this machine at first use: the fused step kernels
-(``cpu_kernels.cpp``) and, for CPUs with AMX, bf16 matmuls (``amx_linear.cpp``).
+(``cpu_kernels.cpp``) and, for CPUs with AMX or AVX-512 BF16, bf16 matmuls (``packed_linear.cpp``).
 
 They are built with the C++ compiler torch's extension loader finds, tuned for the CPU at hand (``-march=native``;
 the build is cached per CPU feature set, so a cache shared between different machines never runs one machine's
 build on another). Where no compiler is present, the build fails or the device is not a CPU, the forward runs the
 same steps as torch ops instead (``ops.py``): slower, never different in what it computes; the matmuls then run
-in oneDNN (``matmul.py``), whose sums may differ from the AMX kernel's in the last bf16 bit.
+in oneDNN (``matmul.py``), whose sums may differ from the packed kernel's in the last bf16 bit.
 """
 
 from __future__ import annotations
@@ -65,9 +65,16 @@ def cpu_kernels_available() -> bool:
         return _state["loaded"]
 
 
-def amx_matmul_available() -> bool:
-    """Whether the AMX bf16 matmul runs here: the kernels built, the CPU has AMX, the OS lets this process use it."""
-    return cpu_kernels_available() and bool(torch.ops.adapter_service.amx_available())
+def packed_matmul_unit() -> str | None:
+    """What runs the service's packed bf16 matmul here: "amx" (the CPU has AMX and the OS lets this process use
+    it), "avx512_bf16", or None (the kernels did not build, or the CPU has neither: oneDNN's matmul is used)."""
+    if not cpu_kernels_available():
+        return None
+    return str(torch.ops.adapter_service.packed_matmul_unit()) or None
+
+
+def packed_matmul_available() -> bool:
+    return packed_matmul_unit() is not None
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ import torch
 from transformers import PreTrainedModel
 
 from service.model.owned.batch import StepBatch
-from service.model.owned.matmul import Matmul, Packing, amx_head_applies, fuse, head_logits
+from service.model.owned.matmul import Matmul, Packing, fuse, head_logits, kernel_head_applies
 from service.model.owned.ops import Attention, KernelOps, StepOps, step_ops
 from service.model.owned.slot_cache import SlotCache
 
@@ -85,7 +85,7 @@ class LlamaForward:
         head = model.get_output_embeddings()
         self.lm_head = head.weight
         self.lm_head_bias = getattr(head, "bias", None)
-        self.amx_head = amx_head_applies(self.lm_head, self.lm_head_bias, packing)
+        self.kernel_head = kernel_head_applies(self.lm_head, self.lm_head_bias, packing)
         self.q_size = self.heads * self.head_dim
         self.kv_size = self.kv_heads * self.head_dim
         self.intermediate: int = config.intermediate_size
@@ -126,8 +126,8 @@ class LlamaForward:
         self.fused_activation: bool = (isinstance(self.ops, KernelOps)
                                        and all(layer.gate_up.fuses_silu_mul for layer in self.layers))
         # Whether every matmul and step op of a step runs in the service's kernels (none in torch's own).
-        self.kernels_only: bool = (isinstance(self.ops, KernelOps) and self.amx_head
-                                   and all(m.packing is Packing.AMX for layer in self.layers
+        self.kernels_only: bool = (isinstance(self.ops, KernelOps) and self.kernel_head
+                                   and all(m.packing is Packing.KERNEL for layer in self.layers
                                            for m in (layer.qkv, layer.o, layer.gate_up, layer.down)))
 
     @property
@@ -182,6 +182,6 @@ class LlamaForward:
         return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.amx_head:
+        if self.kernel_head:
             return head_logits(hidden, self.lm_head)
         return self.ops.logits(hidden, self.lm_head, self.lm_head_bias)

@@ -8,9 +8,9 @@ usable for the transformers path (classification, PEFT-hosted LoRA) without a se
   freed, and each HF module computes through the packed matrix: the first module of a group called on an input
   runs the fused matmul, the others take their slice of that output. Their ``weight`` is then a zero-strided
   placeholder with the right shape, dtype and device (PEFT and the adapter pools read only those). The layout is
-  the service's AMX kernel's (``csrc/amx_linear.cpp``) where the CPU has AMX, else oneDNN's (a plain bf16 matmul
-  reorders the weight on every call; oneDNN-packed, the step's matmuls ran 1.2-1.7x faster here, with
-  bit-identical results).
+  the service's packed kernel's (``csrc/packed_linear.cpp``, on AMX tiles or AVX-512 BF16) where the CPU has
+  either, else oneDNN's (a plain bf16 matmul reorders the weight on every call; oneDNN-packed, the step's matmuls
+  ran 1.2-1.7x faster here, with bit-identical results).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from service.model.owned.kernels import amx_matmul_available
+from service.model.owned.kernels import packed_matmul_available
 
 _BATCH_HINT = 64  # rows oneDNN tunes the packed layout for (a decode step's order of magnitude)
 
@@ -29,15 +29,15 @@ _BATCH_HINT = 64  # rows oneDNN tunes the packed layout for (a decode step's ord
 class Packing(enum.Enum):
     DENSE = "dense"  # the weights as they are (float32, GPUs)
     ONEDNN = "oneDNN"  # oneDNN's blocked layout
-    AMX = "AMX"  # the service's AMX kernel's layout
+    KERNEL = "kernel"  # the service's packed kernel's layout (AMX tiles or AVX-512 BF16)
 
 
-def choose_packing(dtype: torch.dtype, device: torch.device, allow_amx: bool) -> Packing:
+def choose_packing(dtype: torch.dtype, device: torch.device, allow_kernel: bool) -> Packing:
     """The fastest layout available for weights of this dtype on this device."""
     if device.type != "cpu" or dtype != torch.bfloat16:
         return Packing.DENSE
-    if allow_amx and amx_matmul_available():
-        return Packing.AMX
+    if allow_kernel and packed_matmul_available():
+        return Packing.KERNEL
     if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         return Packing.ONEDNN
     return Packing.DENSE
@@ -50,8 +50,8 @@ class Matmul:
         self.out_features, self.in_features = weight.shape
         self.bias = bias
         self.packing = packing
-        if packing is Packing.AMX:
-            self.weight = torch.ops.adapter_service.amx_pack(weight)
+        if packing is Packing.KERNEL:
+            self.weight = torch.ops.adapter_service.bf16_pack(weight)
             # the kernel adds the bias in float32: converted once here, not on every call (same values)
             self.bias = bias.float() if bias is not None else None
         elif packing is Packing.ONEDNN:
@@ -65,14 +65,14 @@ class Matmul:
 
     @property
     def fuses_silu_mul(self) -> bool:
-        """Whether ``silu_mul`` runs in one kernel (AMX packing, no bias, halves of whole 32-column blocks)."""
-        return self.packing is Packing.AMX and self.bias is None and self.out_features % 64 == 0
+        """Whether ``silu_mul`` runs in one kernel (the kernel's packing, no bias, halves of whole 32-column blocks)."""
+        return self.packing is Packing.KERNEL and self.bias is None and self.out_features % 64 == 0
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         """SiLU of the first half of x @ W^T times its second half (a fused gate/up), [..., out / 2]: the same bits
         as ``self(x)`` then the kernels' ``silu_mul``, without writing the product and reading it back."""
         flat = x.reshape(-1, self.in_features)
-        out = torch.ops.adapter_service.amx_linear_silu_mul(flat, self.weight, self.out_features // 2)
+        out = torch.ops.adapter_service.bf16_linear_silu_mul(flat, self.weight, self.out_features // 2)
         return out.view(*x.shape[:-1], self.out_features // 2)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,32 +81,34 @@ class Matmul:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input of {x.shape[-1]} features to a matmul of {self.in_features}")
         flat = x.reshape(-1, self.in_features)
-        if self.packing is Packing.AMX:
-            out = torch.ops.adapter_service.amx_linear(flat, self.weight, self.out_features, self.bias)
+        if self.packing is Packing.KERNEL:
+            out = torch.ops.adapter_service.bf16_linear(flat, self.weight, self.out_features, self.bias)
         else:
             out = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
         return out.view(*x.shape[:-1], self.out_features)
 
 
-_HEAD_MAX_ROWS = 128  # rows the AMX kernel takes in one call against a transposed head (its vocabulary split)
+_HEAD_MAX_ROWS = 128  # rows the packed kernel takes in one call against a transposed head (its vocabulary split)
 
 
-def amx_head_applies(weight: torch.Tensor, bias: torch.Tensor | None, packing: Packing) -> bool:
-    """Whether ``head_logits`` can run this head: AMX packing, a dense bf16 weight of whole 32-value K steps."""
-    return (packing is Packing.AMX and bias is None and weight.dtype == torch.bfloat16 and weight.dim() == 2
+def kernel_head_applies(weight: torch.Tensor, bias: torch.Tensor | None, packing: Packing) -> bool:
+    """Whether ``head_logits`` can run this head: the kernel's packing, a dense bf16 weight of whole 32-value K
+    steps."""
+    return (packing is Packing.KERNEL and bias is None and weight.dtype == torch.bfloat16 and weight.dim() == 2
             and weight.is_contiguous() and weight.shape[1] % 32 == 0)
 
 
 def head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """hidden [rows, in] x weight [vocabulary, in]^T as a [rows, vocabulary] view of a [vocabulary, rows] result.
 
-    The head (often the tied embedding, which must stay dense for lookups) is the AMX kernel's left operand, read
+    The head (often the tied embedding, which must stay dense for lookups) is the packed kernel's left operand, read
     as it lies; the few rows of ``hidden`` are packed per call as its right one. A packed copy of the head would
-    cost its size again. Measured against oneDNN's ``weight @ hidden.T`` on SmolLM2's head, cold: 1 row 5.2 -> 2.9
-    ms, 16 rows 2.8 -> 2.5, 32 rows 6.1 -> 2.9, 64 rows even. More rows than ``_HEAD_MAX_ROWS`` go in groups of
-    that many, so the head stays in the kernels (a step then opens no OpenMP team: ``kernels.kernel_threads``)."""
+    cost its size again. Measured against oneDNN's ``weight @ hidden.T`` on SmolLM2's head, cold: with AMX 1 row
+    5.2 -> 2.9 ms, 16 rows 2.8 -> 2.5, 32 rows 6.1 -> 2.9, 64 rows even; with AVX-512 BF16 (AMD Zen 5) 1 row 1.9 ->
+    2.3 ms, 16 rows 4.3 -> 2.3, 64 rows 5.4 -> 4.3. More rows than ``_HEAD_MAX_ROWS`` go in groups of that many,
+    so the head stays in the kernels (a step then opens no OpenMP team: ``kernels.kernel_threads``)."""
     ops = torch.ops.adapter_service
-    parts = [ops.amx_linear(weight, ops.amx_pack(group.contiguous()), group.shape[0], None)
+    parts = [ops.bf16_linear(weight, ops.bf16_pack(group.contiguous()), group.shape[0], None)
              for group in hidden.split(_HEAD_MAX_ROWS)]
     return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).t()
 

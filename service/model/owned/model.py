@@ -44,7 +44,7 @@ def build_owned(base: BaseModel, gathered: GatheredLora, ia3: IA3Pool, limits: C
     if reason is not None:
         logger.info("generation uses the transformers forward: the owned one does not cover %s", reason)
         return None
-    packing = choose_packing(base.dtype, base.device, allow_amx=limits.cpu_kernels and limits.amx_matmul)
+    packing = choose_packing(base.dtype, base.device, allow_kernel=limits.cpu_kernels and limits.kernel_matmul)
     forward = LlamaForward(base.model, packing=packing, use_kernels=limits.cpu_kernels)
     shape = CacheShape.sized(limits, len(forward.layers), forward.kv_heads, forward.head_dim, max_positions,
                              forward.dtype)

@@ -34,7 +34,7 @@ class CacheLimits:
     row_tokens: int = 2048 + 256 + 1024  # the longest row a request may make (prompt, virtual and new tokens)
     max_batch_tokens: int = 2048  # tokens in one forward: decode rows plus prompt chunks
     cpu_kernels: bool = True  # the fused CPU kernels where they build (else torch ops)
-    amx_matmul: bool = True  # bf16 matmuls in the service's AMX kernel where the CPU has AMX (else oneDNN)
+    kernel_matmul: bool = True  # bf16 matmuls in the service's packed kernel (AMX or AVX-512 BF16; else oneDNN)
     decode_graphs: Literal["off", "on"] = "off"  # decode steps in static shapes, CUDA graphs on a GPU (graphs.py)
 
 

@@ -1,4 +1,4 @@
-// Parallel loops for the service's kernels (cpu_kernels.cpp, amx_linear.cpp), on the team of the calling thread.
+// Parallel loops for the service's kernels (cpu_kernels.cpp, packed_linear.cpp), on the team of the calling thread.
 #pragma once
 
 #include <ATen/Parallel.h>

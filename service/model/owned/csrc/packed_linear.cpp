@@ -1,4 +1,5 @@
-// bf16 matmuls y = x W^T (+ b) on Intel AMX, for the owned forward's projections on CPUs that have it.
+// bf16 matmuls y = x W^T (+ b) on Intel AMX or on AVX-512 BF16 (AMD Zen 4/5), for the owned forward's projections
+// on CPUs that have either.
 //
 // A decode step's matmuls have few rows (16-64) against weights far larger than the caches, so they are bound by
 // how fast the weights stream from memory, and a step runs ~120 of them back to back. oneDNN's prepacked kernel
@@ -6,11 +7,13 @@
 // splits the output columns in one contiguous range per thread (prefetched ahead as it goes) and lets a thread
 // that is done take blocks from the back of another's range, so a thread the OS preempts (the HTTP side, the
 // client) holds back only its current block instead of the whole team at a barrier. Measured against oneDNN on
-// the 30 layers of SmolLM2 (alternating, min of 8): 16 rows 12.7 -> 10.9 ms, 64 rows 17.2 -> 14.0 ms, 512 rows
-// 81 -> 69 ms; with a co-runner taking a quarter of a core, 64 rows 23.1 -> 17.3 ms.
+// the 30 layers of SmolLM2 (alternating, min of 8), with AMX: 16 rows 12.7 -> 10.9 ms, 64 rows 17.2 -> 14.0 ms,
+// 512 rows 81 -> 69 ms; with a co-runner taking a quarter of a core, 64 rows 23.1 -> 17.3 ms. Without AMX the
+// same layout feeds AVX-512's bf16 dot product (vector_block_sums); on an AMD EPYC (Zen 5), min of 6: 1 row 6.9
+// -> 5.3 ms, 16 rows 9.6 -> 6.7 ms, 64 rows 21.0 -> 17.6 ms, 256 rows even.
 //
-// Numbers: products of bf16 values summed in float32 by the tile unit, the bias added in float32, rounded once to
-// bf16, as oneDNN does.
+// Numbers: products of bf16 values summed in float32 (by the tile unit, or by vdpbf16ps in pairs), the bias added
+// in float32, rounded once to bf16, as oneDNN does.
 
 #include <ATen/ATen.h>
 #include <ATen/cpu/vec/vec.h>
@@ -19,6 +22,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <string>
 
 #include "parallel.h"
 
@@ -29,6 +33,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16")))
+#define AVX512_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+#include <cstring>
 #endif
 
 namespace {
@@ -56,6 +62,18 @@ bool detect_amx() {
   if (!avx512 || !amx || !__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) || !(eax >> 5 & 1)) return false;
   constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
   return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+}
+
+// The CPU has AVX-512 with bf16 dot products (vdpbf16ps), and the OS saves the vector registers it needs.
+bool detect_avx512_bf16() {
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(1, 0, &eax, &ebx, &ecx, &edx) || !(ecx >> 27 & 1)) return false;  // OSXSAVE
+  unsigned low, high;
+  asm volatile("xgetbv" : "=a"(low), "=d"(high) : "c"(0));
+  if ((low & 0xE6) != 0xE6) return false;  // XMM, YMM and the three AVX-512 state parts enabled
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool avx512 = (ebx >> 16 & 1) && (ebx >> 30 & 1);  // AVX512F, AVX512BW
+  return avx512 && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && (eax >> 5 & 1);  // AVX512_BF16
 }
 
 struct alignas(64) TileConfig {
@@ -132,8 +150,68 @@ AMX_TARGET void block_sums(const at::BFloat16* input, int64_t input_stride, cons
   }
 }
 
+// The same sums as block_sums, on AVX-512 BF16 for CPUs without AMX (AMD Zen 4/5): a packed tile's row is one
+// K pair of 16 columns, exactly vdpbf16ps's right operand, so the layout, the threading and the epilogues stay
+// the tile unit's. Up to kVectorRows input rows at a time hold 2 accumulators each (the block's two tiles); each
+// input pair is broadcast once per row and K pair. A block's weights (32 columns x K) are read from memory by the
+// first group of rows and from L1/L2 by the others.
+constexpr int64_t kVectorRows = 8;
+
+template <int Rows>
+AVX512_BF16_TARGET void vector_row_sums(const at::BFloat16* input, int64_t input_stride, const at::BFloat16* weight,
+                                        int64_t k_steps, float* sums, const char* prefetch, int64_t prefetch_lines) {
+  __m512 acc[Rows][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < k_steps; ++k) {
+    const at::BFloat16* step = weight + k * 2 * kTileElements;
+    if (prefetch) {
+      const char* ahead = prefetch + k * prefetch_lines * 64;
+      for (int64_t line = 0; line < prefetch_lines; ++line) _mm_prefetch(ahead + line * 64, _MM_HINT_T0);
+    }
+    for (int64_t pair = 0; pair < kTileRows; ++pair) {
+      const __m512bh low = (__m512bh)_mm512_loadu_si512(step + pair * 32);
+      const __m512bh high = (__m512bh)_mm512_loadu_si512(step + kTileElements + pair * 32);
+#pragma GCC unroll 8
+      for (int r = 0; r < Rows; ++r) {
+        int32_t both;
+        std::memcpy(&both, input + r * input_stride + k * kBlockK + pair * 2, sizeof(both));
+        const __m512bh x = (__m512bh)_mm512_set1_epi32(both);
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, low);
+        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, high);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < Rows; ++r) {
+    _mm512_storeu_ps(sums + r * kBlockN, acc[r][0]);
+    _mm512_storeu_ps(sums + r * kBlockN + kTileRows, acc[r][1]);
+  }
+}
+
+// sums[rows][32] for 1-32 input rows, as block_sums; prefetching (if asked) only while the first rows run.
+AVX512_BF16_TARGET void vector_block_sums(const at::BFloat16* input, int64_t input_stride,
+                                          const at::BFloat16* weight, int64_t k_steps, int64_t rows, float* sums,
+                                          const char* prefetch, int64_t prefetch_lines) {
+  for (int64_t row = 0; row < rows; row += kVectorRows) {
+    const at::BFloat16* part = input + row * input_stride;
+    float* part_sums = sums + row * kBlockN;
+    const char* ahead = row == 0 ? prefetch : nullptr;
+    switch (std::min(kVectorRows, rows - row)) {
+      case 1: vector_row_sums<1>(part, input_stride, weight, k_steps, part_sums, ahead, prefetch_lines); break;
+      case 2: vector_row_sums<2>(part, input_stride, weight, k_steps, part_sums, ahead, prefetch_lines); break;
+      case 3: vector_row_sums<3>(part, input_stride, weight, k_steps, part_sums, ahead, prefetch_lines); break;
+      case 4: vector_row_sums<4>(part, input_stride, weight, k_steps, part_sums, ahead, prefetch_lines); break;
+      case 5: vector_row_sums<5>(part, input_stride, weight, k_steps, part_sums, ahead, prefetch_lines); break;
+      case 6: vector_row_sums<6>(part, input_stride, weight, k_steps, part_sums, ahead, prefetch_lines); break;
+      case 7: vector_row_sums<7>(part, input_stride, weight, k_steps, part_sums, ahead, prefetch_lines); break;
+      default: vector_row_sums<8>(part, input_stride, weight, k_steps, part_sums, ahead, prefetch_lines); break;
+    }
+  }
+}
+
 // sums (+ bias) rounded to bf16 into out's rows x columns (the block's valid part).
-AMX_TARGET void store_block(const float* sums, const float* bias, int64_t rows, int64_t columns, at::BFloat16* out,
+AVX512_BF16_TARGET void store_block(const float* sums, const float* bias, int64_t rows, int64_t columns, at::BFloat16* out,
                             int64_t out_stride) {
   const __mmask16 low = columns >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << columns) - 1);
   const __mmask16 high = columns >= 32 ? 0xFFFF : columns > 16 ? static_cast<__mmask16>((1u << (columns - 16)) - 1) : 0;
@@ -150,7 +228,7 @@ AMX_TARGET void store_block(const float* sums, const float* bias, int64_t rows, 
 // SiLU(gate) * up for a block's rows x 32 columns, from the float sums of a gate block and its up block: each sum
 // rounded to bf16 as store_block rounds it, then what silu_mul (cpu_kernels.cpp) computes from those bf16 values,
 // with the same vector ops, so the result has the bits of the unfused pair.
-AMX_TARGET void store_silu_mul_block(const float* gate, const float* up, int64_t rows, at::BFloat16* out,
+AVX512_BF16_TARGET void store_silu_mul_block(const float* gate, const float* up, int64_t rows, at::BFloat16* out,
                                      int64_t out_stride) {
   using Vec = at::vec::Vectorized<float>;
   const auto as_bf16 = [](const Vec& v) -> Vec {
@@ -196,31 +274,55 @@ at::Tensor padded_input(const at::Tensor& x, int64_t k_steps) {
 
 #endif  // ADAPTER_SERVICE_AMX
 
-bool amx_available() {
+// What runs the packed matmuls here: the tile unit, AVX-512 BF16, or nothing (the callers use oneDNN).
+enum class Unit { kNone, kVector, kTiles };
+
+Unit matmul_unit() {
 #ifdef ADAPTER_SERVICE_AMX
-  static const bool available = detect_amx();
-  return available;
+  static const Unit unit = detect_amx() ? Unit::kTiles : detect_avx512_bf16() ? Unit::kVector : Unit::kNone;
+  return unit;
 #else
-  return false;
+  return Unit::kNone;
 #endif
 }
 
-// x [m, k] in bf16 on the CPU, and `packed` an amx_pack of an [n, k] weight; returns the K steps.
+const char* unit_name() {
+  switch (matmul_unit()) {
+    case Unit::kTiles: return "amx";
+    case Unit::kVector: return "avx512_bf16";
+    default: return "";
+  }
+}
+
+#ifdef ADAPTER_SERVICE_AMX
+// One block's sums for `rows` (1-32) input rows, on whichever unit this CPU has (see block_sums for `prefetch`).
+void unit_block_sums(const at::BFloat16* input, int64_t input_stride, const at::BFloat16* weight, int64_t k_steps,
+                     int64_t rows, float* sums, const char* prefetch, int64_t prefetch_lines) {
+  if (matmul_unit() == Unit::kTiles) {
+    tiles_for(rows);
+    block_sums(input, input_stride, weight, k_steps, rows > kTileRows, sums, prefetch, prefetch_lines);
+  } else {
+    vector_block_sums(input, input_stride, weight, k_steps, rows, sums, prefetch, prefetch_lines);
+  }
+}
+#endif
+
+// x [m, k] in bf16 on the CPU, and `packed` an bf16_pack of an [n, k] weight; returns the K steps.
 int64_t check_amx_operands(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
-  TORCH_CHECK(amx_available(), "this CPU has no AMX with bf16 (or the kernel does not allow this process its tiles)");
+  TORCH_CHECK(matmul_unit() != Unit::kNone, "this CPU has neither AMX nor AVX-512 with bf16");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(), "x: 2-D bfloat16 on the CPU");
   const int64_t k = x.size(1);
   const int64_t n_blocks = round_up(n, kBlockN) / kBlockN, k_steps = round_up(k, kBlockK) / kBlockK;
   TORCH_CHECK(packed.dim() == 1 && packed.is_contiguous() && packed.scalar_type() == at::kBFloat16 &&
                   packed.numel() == n_blocks * kBlockN * k_steps * kBlockK,
-              "packed weight: amx_pack of a [", n, ", ", k, "] weight");
+              "packed weight: bf16_pack of a [", n, ", ", k, "] weight");
   return k_steps;
 }
 
 // weight [N, K] -> 1-D, by 32-column block, then K step, then the block's two tiles, each 16 pairs of K x 16 columns
 // x the pair (the tile unit's layout for the right operand); N and K padded with zeros to multiples of 32.
-at::Tensor amx_pack(const at::Tensor& weight) {
-  TORCH_CHECK(amx_available(), "this CPU has no AMX with bf16 (or the kernel does not allow this process its tiles)");
+at::Tensor bf16_pack(const at::Tensor& weight) {
+  TORCH_CHECK(matmul_unit() != Unit::kNone, "this CPU has neither AMX nor AVX-512 with bf16");
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 && weight.device().is_cpu(),
               "weight: 2-D bfloat16 on the CPU");
   const at::Tensor dense = weight.contiguous();
@@ -245,7 +347,7 @@ at::Tensor amx_pack(const at::Tensor& weight) {
   return packed;
 }
 
-at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
                       const std::optional<at::Tensor>& bias) {
   const int64_t m = x.size(0), n = out_features;
   const int64_t k_steps = check_amx_operands(x, packed, n), n_blocks = round_up(n, kBlockN) / kBlockN;
@@ -268,10 +370,9 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out
   // `prefetch`).
   auto pass_over = [&](int64_t row, int64_t rows, int64_t block, const char* prefetch, int64_t prefetch_lines) {
     alignas(64) float sums[kBlockM * kBlockN];
-    tiles_for(rows);
     const int64_t column = block * kBlockN, columns = std::min(kBlockN, n - column);
-    block_sums(input_data + row * input_stride, input_stride, weight + block * block_weight, k_steps,
-               rows > kTileRows, sums, prefetch, prefetch_lines);
+    unit_block_sums(input_data + row * input_stride, input_stride, weight + block * block_weight, k_steps, rows,
+                    sums, prefetch, prefetch_lines);
     store_block(sums, bias_data ? bias_data + column : nullptr, rows, columns, out_data + row * n + column, n);
   };
   if (n_blocks <= kRowSplitBlocks && m >= kRowSplitRows) {
@@ -324,8 +425,8 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out
 
 // SiLU(x W_gate^T) * (x W_up^T) from one packed [2 * width, K] weight (gate rows, then up rows; no bias): each
 // thread takes a gate column block and its up block together, so the [rows, 2 * width] product is never written
-// and read back. The same bits as amx_linear followed by silu_mul. Panels of rows as amx_linear's.
-at::Tensor amx_linear_silu_mul(const at::Tensor& x, const at::Tensor& packed, int64_t width) {
+// and read back. The same bits as bf16_linear followed by silu_mul. Panels of rows as bf16_linear's.
+at::Tensor bf16_linear_silu_mul(const at::Tensor& x, const at::Tensor& packed, int64_t width) {
   TORCH_CHECK(width > 0 && width % kBlockN == 0, "width: a multiple of ", kBlockN);
   const int64_t m = x.size(0), k_steps = check_amx_operands(x, packed, 2 * width), half_blocks = width / kBlockN;
   at::Tensor out = at::empty({m, width}, x.options());
@@ -350,13 +451,12 @@ at::Tensor amx_linear_silu_mul(const at::Tensor& x, const at::Tensor& packed, in
             alignas(64) float gate[kBlockM * kBlockN];
             alignas(64) float up[kBlockM * kBlockN];
             const int64_t rows = std::min(kBlockM, last - row);
-            tiles_for(rows);
             const bool stream = row == first || !blocks_stay_cached;
             const at::BFloat16* rows_input = input_data + row * input_stride;
-            block_sums(rows_input, input_stride, gate_weight, k_steps, rows > kTileRows, gate,
-                       stream ? reinterpret_cast<const char*>(gate_weight + ahead) : nullptr, stream ? lines : 0);
-            block_sums(rows_input, input_stride, up_weight, k_steps, rows > kTileRows, up,
-                       stream ? reinterpret_cast<const char*>(up_weight + ahead) : nullptr, stream ? lines : 0);
+            unit_block_sums(rows_input, input_stride, gate_weight, k_steps, rows, gate,
+                            stream ? reinterpret_cast<const char*>(gate_weight + ahead) : nullptr, stream ? lines : 0);
+            unit_block_sums(rows_input, input_stride, up_weight, k_steps, rows, up,
+                            stream ? reinterpret_cast<const char*>(up_weight + ahead) : nullptr, stream ? lines : 0);
             store_silu_mul_block(gate, up, rows, out_data + row * width + block * kBlockN, width);
           }
         },
@@ -369,14 +469,14 @@ at::Tensor amx_linear_silu_mul(const at::Tensor& x, const at::Tensor& packed, in
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(adapter_service, m) {
-  m.def("amx_available() -> bool", [] { return amx_available(); });
-  m.def("amx_pack(Tensor weight) -> Tensor");
-  m.def("amx_linear(Tensor x, Tensor packed, int out_features, Tensor? bias) -> Tensor");
-  m.def("amx_linear_silu_mul(Tensor x, Tensor packed, int width) -> Tensor");
+  m.def("packed_matmul_unit() -> str", [] { return std::string(unit_name()); });
+  m.def("bf16_pack(Tensor weight) -> Tensor");
+  m.def("bf16_linear(Tensor x, Tensor packed, int out_features, Tensor? bias) -> Tensor");
+  m.def("bf16_linear_silu_mul(Tensor x, Tensor packed, int width) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(adapter_service, CPU, m) {
-  m.impl("amx_pack", amx_pack);
-  m.impl("amx_linear", amx_linear);
-  m.impl("amx_linear_silu_mul", amx_linear_silu_mul);
+  m.impl("bf16_pack", bf16_pack);
+  m.impl("bf16_linear", bf16_linear);
+  m.impl("bf16_linear_silu_mul", bf16_linear_silu_mul);
 }
