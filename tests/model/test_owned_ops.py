@@ -139,12 +139,14 @@ def test_kernels_refuse_what_would_read_outside_the_cache() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rank", [8, 16, 5, 72])  # 72: past the kernel's on-stack buffer
-def test_lora_kernel_adds_each_tokens_own_adapter_delta(dtype: torch.dtype, rank: int) -> None:
+@pytest.mark.parametrize("width_in,width_out", [(40, 24), (100, 90)])  # 90: 64 columns at once, then 16, then 10
+def test_lora_kernel_adds_each_tokens_own_adapter_delta(dtype: torch.dtype, rank: int, width_in: int,
+                                                         width_out: int) -> None:
     """Per token, out += B[slot] A[slot] x from the pool's stacks (B kept transposed), over the slot's own rank
     only; tokens without an adapter (-1) or of a slot of rank 0 are untouched, and a strided view (one module's
     slice of a fused output) is written in place."""
     generator = torch.Generator().manual_seed(3)
-    pool, width_in, width_out = 5, 40, 24
+    pool = 5
     a = torch.randn(pool, rank, width_in, generator=generator).to(dtype)
     b = torch.randn(pool, width_out, rank, generator=generator).to(dtype)
     b_t = b.transpose(1, 2).contiguous()

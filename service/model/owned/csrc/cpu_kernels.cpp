@@ -570,28 +570,98 @@ struct LoraStack {
   const T* b_rows(int64_t slot) const { return b_t + slot * pool_rank * width; }
 };
 
+// A group's shrink and expand keep several independent sums in flight: one token of a rank-16 adapter is 16 sums
+// of 576 products, and summed one after the other each waits on the one before (the fused multiply-add's latency,
+// not the memory, then bounds a step's LoRA). So rank rows go four at a time, output columns 64 at a time.
+constexpr int kRankRows = 4;   // rank rows a shrink pass sums at once
+constexpr int kOutChunks = 4;  // vectors of output columns an expand pass sums at once
+
+// shrunk[j * rank + r] = A[r] . x_j for the group's tokens, in float32.
 template <typename T, int N>
-void lora_group(const T* const* xs, T* const* outs, const T* a_slot, const T* b_slot, int64_t rank, int64_t in,
-                int64_t width, float* shrunk, LinePrefetcher& next) {
-  const int64_t in_whole = in - in % kLanes, out_whole = width - width % kLanes;
-  const int64_t per_row = (next.total() + rank - 1) / std::max<int64_t>(rank, 1);
-  for (int64_t r = 0; r < rank; ++r) {
-    next.issue(per_row);
-    const T* ar = a_slot + r * in;
-    Vec acc[N];
-    for (int j = 0; j < N; ++j) acc[j] = Vec(0.f);
+void lora_shrink(const T* const* xs, const T* a_slot, int64_t rank, int64_t in, float* shrunk, LinePrefetcher& next) {
+  const int64_t in_whole = in - in % kLanes;
+  const int64_t per_pass = (next.total() * kRankRows + rank - 1) / std::max<int64_t>(rank, 1);
+  for (int64_t r0 = 0; r0 < rank; r0 += kRankRows) {
+    next.issue(per_pass);
+    const T* rows[kRankRows];  // past the rank: the last row again, its sums dropped
+    for (int q = 0; q < kRankRows; ++q) rows[q] = a_slot + std::min<int64_t>(r0 + q, rank - 1) * in;
+    Vec acc[N][kRankRows];
+    for (int j = 0; j < N; ++j)
+      for (int q = 0; q < kRankRows; ++q) acc[j][q] = Vec(0.f);
     for (int64_t i = 0; i < in_whole; i += kLanes) {
-      const Vec weights = load_floats(ar + i);
-      for (int j = 0; j < N; ++j) acc[j] = at::vec::fmadd(weights, load_floats(xs[j] + i), acc[j]);
+      Vec weights[kRankRows];
+      for (int q = 0; q < kRankRows; ++q) weights[q] = load_floats(rows[q] + i);
+      for (int j = 0; j < N; ++j) {
+        const Vec x = load_floats(xs[j] + i);
+        for (int q = 0; q < kRankRows; ++q) acc[j][q] = at::vec::fmadd(weights[q], x, acc[j][q]);
+      }
     }
-    for (int j = 0; j < N; ++j) {
-      float total = sum(acc[j]);
-      for (int64_t i = in_whole; i < in; ++i) total += scalar(ar[i]) * scalar(xs[j][i]);
-      shrunk[j * rank + r] = total;
+    for (int q = 0; q < kRankRows && r0 + q < rank; ++q) {
+      for (int j = 0; j < N; ++j) {
+        float total = sum(acc[j][q]);
+        for (int64_t i = in_whole; i < in; ++i) total += scalar(rows[q][i]) * scalar(xs[j][i]);
+        shrunk[j * rank + r0 + q] = total;
+      }
     }
   }
-  next.issue(next.total());
-  for (int64_t o = 0; o < out_whole; o += kLanes) {
+}
+
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+// bf16 on a CPU with AVX-512 BF16: the products of pairs summed by vdpbf16ps straight from the bf16 rows (no
+// conversion of A or x; the tail of K masked in with zeros). Each sum is of the same bf16 products in float32, in
+// another order (and with float32 denormals flushed, which no activation or weight holds).
+template <int N>
+void lora_shrink_bf16(const at::BFloat16* const* xs, const at::BFloat16* a_slot, int64_t rank, int64_t in,
+                      float* shrunk, LinePrefetcher& next) {
+  constexpr int64_t kPairs = 32;  // bf16 values a vdpbf16ps takes from each operand
+  const int64_t per_pass = (next.total() * kRankRows + rank - 1) / std::max<int64_t>(rank, 1);
+  for (int64_t r0 = 0; r0 < rank; r0 += kRankRows) {
+    next.issue(per_pass);
+    const at::BFloat16* rows[kRankRows];
+    for (int q = 0; q < kRankRows; ++q) rows[q] = a_slot + std::min<int64_t>(r0 + q, rank - 1) * in;
+    __m512 acc[N][kRankRows];
+    for (int j = 0; j < N; ++j)
+      for (int q = 0; q < kRankRows; ++q) acc[j][q] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < in; i += kPairs) {
+      const __mmask32 mask = in - i >= kPairs ? ~__mmask32(0) : static_cast<__mmask32>((1u << (in - i)) - 1);
+      __m512bh weights[kRankRows];
+      for (int q = 0; q < kRankRows; ++q) weights[q] = (__m512bh)_mm512_maskz_loadu_epi16(mask, rows[q] + i);
+      for (int j = 0; j < N; ++j) {
+        const __m512bh x = (__m512bh)_mm512_maskz_loadu_epi16(mask, xs[j] + i);
+        for (int q = 0; q < kRankRows; ++q) acc[j][q] = _mm512_dpbf16_ps(acc[j][q], x, weights[q]);
+      }
+    }
+    for (int q = 0; q < kRankRows && r0 + q < rank; ++q) {
+      for (int j = 0; j < N; ++j) shrunk[j * rank + r0 + q] = _mm512_reduce_add_ps(acc[j][q]);
+    }
+  }
+}
+#endif
+
+// out_j[o] += sum_r shrunk[j * rank + r] * B^T[r][o], in float32, rounded once into out.
+template <typename T, int N>
+void lora_expand(T* const* outs, const T* b_slot, int64_t rank, int64_t width, const float* shrunk) {
+  constexpr int64_t kStep = kLanes * kOutChunks;
+  int64_t o = 0;
+  for (; o + kStep <= width; o += kStep) {
+    Vec delta[N][kOutChunks];
+    for (int j = 0; j < N; ++j)
+      for (int c = 0; c < kOutChunks; ++c) delta[j][c] = Vec(0.f);
+    for (int64_t r = 0; r < rank; ++r) {
+      Vec weights[kOutChunks];
+      for (int c = 0; c < kOutChunks; ++c) weights[c] = load_floats(b_slot + r * width + o + c * kLanes);
+      for (int j = 0; j < N; ++j) {
+        const Vec factor(shrunk[j * rank + r]);
+        for (int c = 0; c < kOutChunks; ++c) delta[j][c] = at::vec::fmadd(factor, weights[c], delta[j][c]);
+      }
+    }
+    for (int j = 0; j < N; ++j)
+      for (int c = 0; c < kOutChunks; ++c) {
+        T* at = outs[j] + o + c * kLanes;
+        store_floats(at, load_floats(at) + delta[j][c]);
+      }
+  }
+  for (; o + kLanes <= width; o += kLanes) {
     Vec delta[N];
     for (int j = 0; j < N; ++j) delta[j] = Vec(0.f);
     for (int64_t r = 0; r < rank; ++r) {
@@ -600,13 +670,29 @@ void lora_group(const T* const* xs, T* const* outs, const T* a_slot, const T* b_
     }
     for (int j = 0; j < N; ++j) store_floats(outs[j] + o, load_floats(outs[j] + o) + delta[j]);
   }
-  for (int64_t o = out_whole; o < width; ++o) {
+  for (; o < width; ++o) {
     for (int j = 0; j < N; ++j) {
       float delta = 0.f;
       for (int64_t r = 0; r < rank; ++r) delta += shrunk[j * rank + r] * scalar(b_slot[r * width + o]);
       outs[j][o] = static_cast<T>(scalar(outs[j][o]) + delta);
     }
   }
+}
+
+template <typename T, int N>
+void lora_group(const T* const* xs, T* const* outs, const T* a_slot, const T* b_slot, int64_t rank, int64_t in,
+                int64_t width, float* shrunk, LinePrefetcher& next) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    lora_shrink_bf16<N>(xs, a_slot, rank, in, shrunk, next);
+  } else {
+    lora_shrink<T, N>(xs, a_slot, rank, in, shrunk, next);
+  }
+#else
+  lora_shrink<T, N>(xs, a_slot, rank, in, shrunk, next);
+#endif
+  next.issue(next.total());
+  lora_expand<T, N>(outs, b_slot, rank, width, shrunk);
 }
 
 thread_local int64_t lora_prefetched_task = -1;  // the task whose rows this thread last prefetched ahead
