@@ -46,14 +46,16 @@ class OwnedAdapters:
         self._input_paths = {paths[name] for paths in self._paths for name in _INPUT_SCALED}
         self._output_paths = {path for paths in self._paths for path in paths.values()}
         self._stacks: dict[tuple[int, tuple[str, ...]], LayerLora] = {}
-        self._stacks_version: int | None = None
+        self._stacks_for: tuple[int, int] | None = None  # the pool's version and layout they were worked out at
 
     def lora_stacks(self, layer: int, names: tuple[str, ...]) -> LayerLora:
         """The pool's stacks for these modules of a layer, with each one's columns of the modules' fused output
-        (worked out once per pool version: a step asks for them 4 times per layer)."""
-        if self._stacks_version != self.gathered.version:
+        (worked out once per pool version and layout: a step asks for them 4 times per layer, and the layout
+        changes whenever a stack's tensors are replaced, even by a pool write that then fails)."""
+        key = (self.gathered.version, self.gathered.layout)
+        if self._stacks_for != key:
             self._stacks.clear()
-            self._stacks_version = self.gathered.version
+            self._stacks_for = key
         stacks = self._stacks.get((layer, names))
         if stacks is None:
             modules = self.forward.modules[layer]
@@ -123,8 +125,7 @@ def _pool_names(adapters: Sequence[LoadedAdapter | None]) -> tuple[list[str | No
 
 class LayerLora:
     """The pool's stacks behind one fused matmul of a layer, with each one's columns of its output, and the same as
-    the LoRA kernel takes them (one call for all of them). A stack's tensors are read at each call: a pool write
-    may replace them (a larger rank) even where it fails and the pool's version stays."""
+    the LoRA kernel takes them (one call for all of them), as they are at the pool layout it was made at."""
 
     def __init__(self, stacks: list[tuple[slice, ModuleStack]]) -> None:
         for columns, stack in stacks:  # the kernel takes a stack's first column; its width is the stack's own
@@ -132,18 +133,9 @@ class LayerLora:
                 raise ValueError(f"a LoRA stack of {stack.b_t.shape[2]} outputs for columns {columns}")
         self.stacks = stacks
         self.columns = [columns.start or 0 for columns, _ in stacks]
-
-    @property
-    def a(self) -> list[torch.Tensor]:
-        return [stack.a for _, stack in self.stacks]
-
-    @property
-    def b_t(self) -> list[torch.Tensor]:
-        return [stack.b_t for _, stack in self.stacks]
-
-    @property
-    def ranks(self) -> list[torch.Tensor]:
-        return [stack.ranks for _, stack in self.stacks]
+        self.a = [stack.a for _, stack in stacks]
+        self.b_t = [stack.b_t for _, stack in stacks]
+        self.ranks = [stack.ranks for _, stack in stacks]
 
 
 class RowLora:
