@@ -17,7 +17,14 @@ from service.model.owned.kernels import (
     packed_matmul_unit,
     torch_threads,
 )
-from service.model.owned.matmul import Matmul, Packing, choose_packing, head_logits, kernel_head_applies
+from service.model.owned.matmul import (
+    Matmul,
+    Packing,
+    choose_packing,
+    head_logits,
+    kernel_head_applies,
+    kernel_measures_faster,
+)
 
 pytestmark = pytest.mark.skipif(not packed_matmul_available(), reason="this CPU has neither AMX nor AVX-512 BF16")
 
@@ -179,10 +186,22 @@ def test_bad_input_is_refused() -> None:
 
 def test_packing_is_chosen_by_what_the_machine_has() -> None:
     cpu = torch.device("cpu")
-    assert choose_packing(torch.bfloat16, cpu, allow_kernel=True) is Packing.KERNEL
+    assert choose_packing(torch.bfloat16, cpu, allow_kernel=True, kernel_is_faster=lambda: True) is Packing.KERNEL
+    # a CPU where oneDNN measured clearly faster keeps oneDNN
+    assert choose_packing(torch.bfloat16, cpu, allow_kernel=True, kernel_is_faster=lambda: False) is Packing.ONEDNN
     assert choose_packing(torch.bfloat16, cpu, allow_kernel=False) is Packing.ONEDNN
     assert choose_packing(torch.float32, cpu, allow_kernel=True) is Packing.DENSE  # fp32 keeps the plain weights
     assert cpu_kernels_available()
+
+
+def test_the_kernel_is_timed_against_onednn_once(caplog: pytest.LogCaptureFixture) -> None:
+    kernel_measures_faster.cache_clear()
+    with caplog.at_level("INFO", logger="service.model.owned.matmul"):
+        first = kernel_measures_faster()
+        assert kernel_measures_faster() is first  # once per process
+    assert [record.getMessage() for record in caplog.records if "oneDNN takes" in record.getMessage()]
+    choice = choose_packing(torch.bfloat16, torch.device("cpu"), allow_kernel=True)
+    assert choice is (Packing.KERNEL if first else Packing.ONEDNN)
 
 
 def test_the_unit_is_what_the_cpu_has() -> None:

@@ -16,12 +16,17 @@ usable for the transformers path (classification, PEFT-hosted LoRA) without a se
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+import functools
+import logging
+import time
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from service.model.owned.kernels import packed_matmul_available
+from service.model.owned.kernels import packed_matmul_available, packed_matmul_unit
+
+logger = logging.getLogger(__name__)
 
 _BATCH_HINT = 64  # rows oneDNN tunes the packed layout for (a decode step's order of magnitude)
 
@@ -32,15 +37,49 @@ class Packing(enum.Enum):
     KERNEL = "kernel"  # the service's packed kernel's layout (AMX tiles or AVX-512 BF16)
 
 
-def choose_packing(dtype: torch.dtype, device: torch.device, allow_kernel: bool) -> Packing:
-    """The fastest layout available for weights of this dtype on this device."""
+def choose_packing(dtype: torch.dtype, device: torch.device, allow_kernel: bool,
+                   kernel_is_faster: Callable[[], bool] | None = None) -> Packing:
+    """The fastest layout available for weights of this dtype on this device: the service's kernel where the CPU
+    runs it (AMX or AVX-512 BF16) unless oneDNN measures clearly faster here (``kernel_is_faster``, by default
+    timed once per process), else oneDNN's."""
     if device.type != "cpu" or dtype != torch.bfloat16:
         return Packing.DENSE
+    onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
     if allow_kernel and packed_matmul_available():
-        return Packing.KERNEL
-    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
-        return Packing.ONEDNN
-    return Packing.DENSE
+        if not onednn or (kernel_is_faster or kernel_measures_faster)():
+            return Packing.KERNEL
+    return Packing.ONEDNN if onednn else Packing.DENSE
+
+
+@functools.cache
+def kernel_measures_faster() -> bool:
+    """Whether the service's packed kernel runs a decode step's matmuls at least about as fast as oneDNN's packed
+    ones on this CPU. It was measured faster on the CPUs this was built on (Intel AMX; AMD Zen 5 with AVX-512 BF16:
+    1.2-1.4x at 16-64 rows), but CPUs with the same instructions differ (a Zen 4 runs 512-bit vectors in two
+    halves), so it is timed here, as a step meets its weights: a layer's gate/up shape, 16 and 64 rows, over
+    copies that together outgrow the caches (~40 MB each way, freed after). Rounds interleave the two, each keeps
+    its fastest, and the kernel stays unless oneDNN takes under 0.9 of its time (well under a second at start)."""
+    if not packed_matmul_available():
+        return False
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(3072, 576, generator=generator).to(torch.bfloat16)
+    inputs = [torch.randn(rows, 576, generator=generator).to(torch.bfloat16) for rows in (16, 64)]
+    copies = 12  # 3.5 MB each: more than the last-level caches of the machines this runs on
+    layers = {packing: [Matmul(weight, None, packing) for _ in range(copies)]
+              for packing in (Packing.KERNEL, Packing.ONEDNN)}
+    timings = dict.fromkeys(layers, float("inf"))
+    with torch.inference_mode():
+        for _ in range(4):
+            for packing, matmuls in layers.items():
+                started = time.perf_counter()
+                for x in inputs:
+                    for matmul in matmuls:
+                        matmul(x)
+                timings[packing] = min(timings[packing], time.perf_counter() - started)
+    ratio = timings[Packing.ONEDNN] / timings[Packing.KERNEL]
+    logger.info("bf16 matmul: oneDNN takes %.2fx the service kernel's time (%s) here; using %s", ratio,
+                packed_matmul_unit(), "oneDNN" if ratio < 0.9 else "the kernel")
+    return ratio >= 0.9
 
 
 class Matmul:
