@@ -77,8 +77,8 @@ class Settings(BaseSettings):
     cpu_matmul: Literal["auto", "onednn"] = Field(
         default="auto",
         description="Owned forward's bf16 matmuls on a CPU: 'auto' runs the service's packed kernel where the CPU "
-        "has AMX or AVX-512 BF16 (and cpu_kernels is 'auto'), else oneDNN's prepacked matmul; 'onednn': oneDNN's "
-        "always.",
+        "has AMX or AVX-512 BF16 (and cpu_kernels is 'auto') unless oneDNN times clearly faster at start, else "
+        "oneDNN's prepacked matmul; 'onednn': oneDNN's always.",
     )
     decode_graphs: Literal["off", "on"] = Field(
         default="off",

@@ -57,25 +57,28 @@ def kernel_measures_faster() -> bool:
     ones on this CPU. It was measured faster on the CPUs this was built on (Intel AMX; AMD Zen 5 with AVX-512 BF16:
     1.2-1.4x at 16-64 rows), but CPUs with the same instructions differ (a Zen 4 runs 512-bit vectors in two
     halves), so it is timed here, as a step meets its weights: a layer's gate/up shape, 16 and 64 rows, over
-    copies that together outgrow the caches (~40 MB each way, freed after). Rounds interleave the two, each keeps
-    its fastest, and the kernel stays unless oneDNN takes under 0.9 of its time (well under a second at start)."""
+    copies that together outgrow the caches (~40 MB, one layout's at a time, freed after). Rounds alternate the two
+    (a pass right after packing, which finds some copies cached, is not counted), each keeps its fastest, and the
+    kernel stays unless oneDNN takes under 0.9 of its time (well under a second at start)."""
     if not packed_matmul_available():
         return False
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(3072, 576, generator=generator).to(torch.bfloat16)
     inputs = [torch.randn(rows, 576, generator=generator).to(torch.bfloat16) for rows in (16, 64)]
     copies = 12  # 3.5 MB each: more than the last-level caches of the machines this runs on
-    layers = {packing: [Matmul(weight, None, packing) for _ in range(copies)]
-              for packing in (Packing.KERNEL, Packing.ONEDNN)}
-    timings = dict.fromkeys(layers, float("inf"))
+    timings = dict.fromkeys((Packing.KERNEL, Packing.ONEDNN), float("inf"))
     with torch.inference_mode():
-        for _ in range(4):
-            for packing, matmuls in layers.items():
-                started = time.perf_counter()
-                for x in inputs:
-                    for matmul in matmuls:
-                        matmul(x)
-                timings[packing] = min(timings[packing], time.perf_counter() - started)
+        for _ in range(2):
+            for packing in timings:
+                matmuls = [Matmul(weight, None, packing) for _ in range(copies)]
+                for counted in (False, True, True):
+                    started = time.perf_counter()
+                    for x in inputs:
+                        for matmul in matmuls:
+                            matmul(x)
+                    if counted:
+                        timings[packing] = min(timings[packing], time.perf_counter() - started)
+                del matmuls
     ratio = timings[Packing.ONEDNN] / timings[Packing.KERNEL]
     logger.info("bf16 matmul: oneDNN takes %.2fx the service kernel's time (%s) here; using %s", ratio,
                 packed_matmul_unit(), "oneDNN" if ratio < 0.9 else "the kernel")
