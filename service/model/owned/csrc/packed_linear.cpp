@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <string>
 
@@ -34,7 +35,6 @@
 #include <unistd.h>
 #define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16")))
 #define AVX512_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
-#include <cstring>
 #endif
 
 namespace {
@@ -53,17 +53,6 @@ int64_t round_up(int64_t value, int64_t to) { return (value + to - 1) / to * to;
 
 #ifdef ADAPTER_SERVICE_AMX
 
-// The CPU has AMX with bf16 and AVX-512 with bf16 conversions, and the kernel lets this process use the tile data.
-bool detect_amx() {
-  unsigned eax, ebx, ecx, edx;
-  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-  const bool avx512 = (ebx >> 16 & 1) && (ebx >> 30 & 1);  // AVX512F, AVX512BW
-  const bool amx = (edx >> 22 & 1) && (edx >> 24 & 1);     // AMX-BF16, AMX-TILE
-  if (!avx512 || !amx || !__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) || !(eax >> 5 & 1)) return false;
-  constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
-  return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
-}
-
 // The CPU has AVX-512 with bf16 dot products (vdpbf16ps), and the OS saves the vector registers it needs.
 bool detect_avx512_bf16() {
   unsigned eax, ebx, ecx, edx;
@@ -74,6 +63,17 @@ bool detect_avx512_bf16() {
   if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
   const bool avx512 = (ebx >> 16 & 1) && (ebx >> 30 & 1);  // AVX512F, AVX512BW
   return avx512 && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && (eax >> 5 & 1);  // AVX512_BF16
+}
+
+// The CPU has AMX with bf16 (and AVX-512 BF16, for the epilogues), and the kernel lets this process use the tile
+// data.
+bool detect_amx() {
+  if (!detect_avx512_bf16()) return false;
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  if (!(edx >> 22 & 1) || !(edx >> 24 & 1)) return false;  // AMX-BF16, AMX-TILE
+  constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+  return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
 }
 
 struct alignas(64) TileConfig {
@@ -211,8 +211,8 @@ AVX512_BF16_TARGET void vector_block_sums(const at::BFloat16* input, int64_t inp
 }
 
 // sums (+ bias) rounded to bf16 into out's rows x columns (the block's valid part).
-AVX512_BF16_TARGET void store_block(const float* sums, const float* bias, int64_t rows, int64_t columns, at::BFloat16* out,
-                            int64_t out_stride) {
+AVX512_BF16_TARGET void store_block(const float* sums, const float* bias, int64_t rows, int64_t columns,
+                                    at::BFloat16* out, int64_t out_stride) {
   const __mmask16 low = columns >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << columns) - 1);
   const __mmask16 high = columns >= 32 ? 0xFFFF : columns > 16 ? static_cast<__mmask16>((1u << (columns - 16)) - 1) : 0;
   const __m512 bias_low = bias ? _mm512_maskz_loadu_ps(low, bias) : _mm512_setzero_ps();
@@ -228,8 +228,8 @@ AVX512_BF16_TARGET void store_block(const float* sums, const float* bias, int64_
 // SiLU(gate) * up for a block's rows x 32 columns, from the float sums of a gate block and its up block: each sum
 // rounded to bf16 as store_block rounds it, then what silu_mul (cpu_kernels.cpp) computes from those bf16 values,
 // with the same vector ops, so the result has the bits of the unfused pair.
-AVX512_BF16_TARGET void store_silu_mul_block(const float* gate, const float* up, int64_t rows, at::BFloat16* out,
-                                     int64_t out_stride) {
+AVX512_BF16_TARGET void store_silu_mul_block(const float* gate, const float* up, int64_t rows,
+                                             at::BFloat16* out, int64_t out_stride) {
   using Vec = at::vec::Vectorized<float>;
   const auto as_bf16 = [](const Vec& v) -> Vec {
     const __m256i bits = (__m256i)_mm512_cvtneps_pbh(v);
@@ -307,8 +307,8 @@ void unit_block_sums(const at::BFloat16* input, int64_t input_stride, const at::
 }
 #endif
 
-// x [m, k] in bf16 on the CPU, and `packed` an bf16_pack of an [n, k] weight; returns the K steps.
-int64_t check_amx_operands(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
+// x [m, k] in bf16 on the CPU, and `packed` a bf16_pack of an [n, k] weight; returns the K steps.
+int64_t check_packed_operands(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
   TORCH_CHECK(matmul_unit() != Unit::kNone, "this CPU has neither AMX nor AVX-512 with bf16");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(), "x: 2-D bfloat16 on the CPU");
   const int64_t k = x.size(1);
@@ -350,7 +350,7 @@ at::Tensor bf16_pack(const at::Tensor& weight) {
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
                       const std::optional<at::Tensor>& bias) {
   const int64_t m = x.size(0), n = out_features;
-  const int64_t k_steps = check_amx_operands(x, packed, n), n_blocks = round_up(n, kBlockN) / kBlockN;
+  const int64_t k_steps = check_packed_operands(x, packed, n), n_blocks = round_up(n, kBlockN) / kBlockN;
   at::Tensor bias_float;
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "bias: [", n, "]");
@@ -428,7 +428,7 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, int64_t ou
 // and read back. The same bits as bf16_linear followed by silu_mul. Panels of rows as bf16_linear's.
 at::Tensor bf16_linear_silu_mul(const at::Tensor& x, const at::Tensor& packed, int64_t width) {
   TORCH_CHECK(width > 0 && width % kBlockN == 0, "width: a multiple of ", kBlockN);
-  const int64_t m = x.size(0), k_steps = check_amx_operands(x, packed, 2 * width), half_blocks = width / kBlockN;
+  const int64_t m = x.size(0), k_steps = check_packed_operands(x, packed, 2 * width), half_blocks = width / kBlockN;
   at::Tensor out = at::empty({m, width}, x.options());
   if (m == 0) return out;
 #ifdef ADAPTER_SERVICE_AMX
