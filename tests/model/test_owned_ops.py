@@ -3,6 +3,7 @@ chunks beside decode rows), residual + RMSNorm, rotary and SiLU, in float32 and 
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from service.model.owned.batch import Chunk, StepBatch
 from service.model.owned.kernels import cpu_kernels_available
-from service.model.owned.ops import KernelOps, TorchOps, step_ops, top_logits
+from service.model.owned.ops import KernelOps, TorchOps, chunk_work_limit, step_ops, top_logits
 from service.model.owned.slot_cache import CacheShape, SlotCache
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
@@ -50,11 +51,13 @@ def _attend(ops: TorchOps | KernelOps, batch: StepBatch, cache: SlotCache, qkv: 
     return out, cache.keys[0].clone(), cache.values[0].clone()
 
 
+@pytest.mark.parametrize("chunk_work_limit", [64 * 128, math.inf], ids=["long-chunks-in-torch", "all-in-kernel"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_attention_matches_torch_for_decode_rows_with_holes_and_prompt_chunks(dtype: torch.dtype) -> None:
+def test_attention_matches_torch_for_decode_rows_with_holes_and_prompt_chunks(dtype: torch.dtype,
+                                                                                chunk_work_limit: float) -> None:
     # Decode rows in slots 0, 2, 5 (holes between, different lengths; slot 5 as if behind a 7-entry prefix), then
-    # a fresh prompt chunk in slot 3, a long chunk late in a prompt in slot 7 (torch's attention even with the
-    # kernels) and a later chunk of a prompt in slot 6.
+    # a fresh prompt chunk in slot 3, a long chunk late in a prompt in slot 7 (torch's attention with the kernels
+    # where torch's measures faster, else the kernel) and a later chunk of a prompt in slot 6.
     decode_slots, decode_positions = [0, 2, 5], [4, 17, 30]
     chunks = [Chunk(slot=3, start=0, length=5, offset=3), Chunk(slot=7, start=120, length=80, offset=8),
               Chunk(slot=6, start=9, length=4, offset=88)]
@@ -65,7 +68,7 @@ def test_attention_matches_torch_for_decode_rows_with_holes_and_prompt_chunks(dt
            torch.randn(tokens, KV_HEADS, DIM, generator=generator).to(dtype),
            torch.randn(tokens, KV_HEADS, DIM, generator=generator).to(dtype))
     batch = StepBatch(torch.empty(tokens, 1), torch.tensor(positions), torch.tensor(decode_slots), chunks)
-    results = [_attend(ops, batch, _cache(dtype), qkv) for ops in (TorchOps(), KernelOps())]
+    results = [_attend(ops, batch, _cache(dtype), qkv) for ops in (TorchOps(), KernelOps(chunk_work_limit))]
     (expected, keys, values), (actual, kernel_keys, kernel_values) = results
     # What the step wrote is identical; what a row may read of the cache (up to its position) is too.
     for slot, position in zip(decode_slots, decode_positions):
@@ -257,7 +260,7 @@ def test_logits_as_columns_give_torchs_greedy_tokens(dtype: torch.dtype, rows: i
 def test_attention_kernel_takes_every_head_shape_it_is_chosen_for(heads: int, kv_heads: int, dim: int) -> None:
     """Head sizes that are multiples of 16 up to 128 and up to 16 query heads per kv head (what step_ops picks the
     kernels for) match torch; larger ones are left to torch ops."""
-    assert isinstance(step_ops(torch.device("cpu"), dim, heads // kv_heads, True), KernelOps)
+    assert isinstance(step_ops(torch.device("cpu"), dim, kv_heads, heads // kv_heads, torch.float32, True), KernelOps)
     generator = torch.Generator().manual_seed(5)
     outputs = []
     for ops in (TorchOps(), KernelOps()):
@@ -271,7 +274,18 @@ def test_attention_kernel_takes_every_head_shape_it_is_chosen_for(heads: int, kv
 
 
 def test_shapes_past_the_kernels_get_torch_ops() -> None:
-    assert isinstance(step_ops(torch.device("cpu"), 256, 4, True), TorchOps)
-    assert isinstance(step_ops(torch.device("cpu"), 64, 32, True), TorchOps)
-    assert isinstance(step_ops(torch.device("cpu"), 72, 4, True), TorchOps)
-    assert isinstance(step_ops(torch.device("cpu"), 64, 4, False), TorchOps)
+    cpu = torch.device("cpu")
+    assert isinstance(step_ops(cpu, 256, 2, 4, torch.float32, True), TorchOps)
+    assert isinstance(step_ops(cpu, 64, 1, 32, torch.float32, True), TorchOps)
+    assert isinstance(step_ops(cpu, 72, 2, 4, torch.float32, True), TorchOps)
+    assert isinstance(step_ops(cpu, 64, 2, 4, torch.float32, False), TorchOps)
+
+
+def test_long_chunks_go_where_they_were_measured_faster_once_per_shape() -> None:
+    """The kernel takes every chunk, or chunks up to the Intel crossover, as timed here; once per head shape."""
+    chunk_work_limit.cache_clear()
+    limit = chunk_work_limit(64, 3, 3, torch.bfloat16)
+    assert limit in (math.inf, 64 * 128)
+    assert chunk_work_limit(64, 3, 3, torch.bfloat16) == limit and chunk_work_limit.cache_info().misses == 1
+    ops = step_ops(torch.device("cpu"), 64, 3, 3, torch.bfloat16, True)
+    assert isinstance(ops, KernelOps) and ops._chunk_work_limit == limit

@@ -77,7 +77,8 @@ class LlamaForward:
         self.heads: int = config.num_attention_heads
         self.kv_heads: int = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim: int = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.ops: StepOps = step_ops(model.device, self.head_dim, self.heads // self.kv_heads, use_kernels)
+        self.ops: StepOps = step_ops(model.device, self.head_dim, self.kv_heads, self.heads // self.kv_heads,
+                                     model.get_input_embeddings().weight.dtype, use_kernels)
         self.eps: float = config.rms_norm_eps
         backbone = model.model
         self.embed = backbone.embed_tokens.weight

@@ -4,27 +4,37 @@ Two implementations compute the same thing: ``TorchOps`` in plain torch ops (eve
 ``KernelOps`` in the service's fused CPU kernels (``kernels.py``), which do each step in one pass where torch runs
 a dozen small ops whose dispatch costs more than their arithmetic at a decode step's sizes, and attend decode rows
 and short prompt chunks token by token in one call per layer, where torch's flash attention is set up once per
-chunk and per decode batch. Long prompt chunks keep torch's attention in both: many queries against many keys is
-what that kernel's blocked matmuls do well.
+chunk and per decode batch. Long prompt chunks go to whichever of the two measures faster on this CPU
+(``chunk_work_limit``): torch's blocked matmuls where they run on AMX, the kernel where torch's attention does
+not.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import math
+import time
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from service.model.owned.batch import Chunk, StepBatch
-from service.model.owned.kernels import cpu_kernels_available, torch_threads
+from service.model.owned.kernels import cpu_kernels_available, kernel_threads, torch_threads
 from service.model.owned.slot_cache import SlotCache
+
+logger = logging.getLogger(__name__)
 
 _KERNEL_LANES = 16  # the widest SIMD vector (floats) the kernels use: head sizes must be a multiple
 _KERNEL_MAX_HEAD_DIM = 128  # 16 vectors of the narrowest width (AVX2) the attention kernel is instantiated for
 _KERNEL_MAX_GROUP = 16  # query heads per key/value head it holds in registers
-# Queries x keys of a prompt chunk up to which the token-by-token kernel beats torch's blocked attention (measured
-# here: a 25-token prompt is 5x faster in the kernel, a 128-token chunk after 2,000 tokens 4x slower).
+# Queries x keys of a prompt chunk up to which the token-by-token kernel beats torch's blocked attention where
+# torch's is the faster for long chunks (on an Intel Xeon with AMX: a 25-token prompt 5x faster in the kernel, a
+# 128-token chunk after 2,000 tokens 4x slower).
 _KERNEL_CHUNK_WORK = 64 * 128
+# The long chunk both are timed on: a 512-token piece of a prompt after its first 1,536 tokens.
+_PROBE_START, _PROBE_LENGTH = 1536, 512
 
 
 class Attention(Protocol):
@@ -176,8 +186,9 @@ def _chunk_attention(chunk: Chunk, q: torch.Tensor, k: torch.Tensor, v: torch.Te
 # -- fused CPU kernels ----------------------------------------------------------------------------------------------
 
 class KernelOps:
-    def __init__(self) -> None:
+    def __init__(self, chunk_work_limit: float = _KERNEL_CHUNK_WORK) -> None:
         self._ops = torch.ops.adapter_service
+        self._chunk_work_limit = chunk_work_limit
 
     def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                  eps: float) -> torch.Tensor:
@@ -191,7 +202,7 @@ class KernelOps:
         return self._ops.silu_mul(gate_up)
 
     def attention(self, batch: StepBatch, cache: SlotCache, heads: int) -> Attention:
-        return _KernelStepAttention(batch, cache, self._ops)
+        return _KernelStepAttention(batch, cache, self._ops, self._chunk_work_limit)
 
     def logits(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # The head as the left operand: oneDNN then reads it as it lies instead of reordering all of it (the
@@ -207,9 +218,9 @@ class _KernelStepAttention:
     """Decode rows and short prompt chunks in one kernel call per layer: each token writes its key/value into its
     row's slot, then attends over that slot up to its own position (its prefix, its prompt's earlier tokens, what
     it generated), reading nothing past it, so no slot needs zeroing ahead. A chunk whose queries times keys pass
-    ``_KERNEL_CHUNK_WORK`` goes to torch's attention instead, which does long prompts in blocked matmuls."""
+    ``chunk_work_limit`` goes to torch's attention instead, which does long prompts in blocked matmuls."""
 
-    def __init__(self, batch: StepBatch, cache: SlotCache, kernels: object) -> None:
+    def __init__(self, batch: StepBatch, cache: SlotCache, kernels: object, chunk_work_limit: float) -> None:
         self.cache = cache
         self.kernels = kernels
         self.scale = cache.shape.head_dim ** -0.5
@@ -219,7 +230,7 @@ class _KernelStepAttention:
         start = 0
         for chunk in batch.chunks:
             slots.append(torch.full((chunk.length,), chunk.slot, dtype=torch.long, device=batch.positions.device))
-            if chunk.length * (chunk.start + chunk.length) > _KERNEL_CHUNK_WORK:
+            if chunk.length * (chunk.start + chunk.length) > chunk_work_limit:
                 if chunk.offset > start:
                     self.segments.append((start, chunk.offset))
                 self.segments.append(chunk)
@@ -258,10 +269,60 @@ def top_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return logits.max(dim=-1)
 
 
-def step_ops(device: torch.device, head_dim: int, group: int, use_kernels: bool) -> StepOps:
+def step_ops(device: torch.device, head_dim: int, kv_heads: int, group: int, dtype: torch.dtype,
+             use_kernels: bool) -> StepOps:
     """The fused kernels where they run (a CPU, head sizes and GQA groups they are built for, a compiler that built
     them here), else torch ops."""
     if (use_kernels and device.type == "cpu" and head_dim % _KERNEL_LANES == 0 and head_dim <= _KERNEL_MAX_HEAD_DIM
             and group <= _KERNEL_MAX_GROUP and cpu_kernels_available()):
-        return KernelOps()
+        return KernelOps(chunk_work_limit(head_dim, kv_heads, group, dtype))
     return TorchOps()
+
+
+@functools.cache
+def chunk_work_limit(head_dim: int, kv_heads: int, group: int, dtype: torch.dtype) -> float:
+    """Queries x keys of a prompt chunk up to which the attention kernel takes it: unlimited where the kernel
+    measures faster than torch's attention on a long chunk, else ``_KERNEL_CHUNK_WORK``.
+
+    Which is faster depends on the CPU: on an Intel Xeon with AMX torch's blocked attention was 4x the kernel's
+    speed on a 128-token chunk after 2,000 tokens; on an AMD EPYC (Zen 5, AVX-512 BF16, no AMX) it was slower at
+    every length tried (a 2,048-token step of 16 prompts of ~200 tokens took 976 ms with long chunks in torch and
+    579 ms all in the kernel; one 3,079-token prompt 3.6 s against 2.1 s). So both are timed once here, as a step
+    runs them (inside ``kernel_threads``): a 512-token chunk after 1,536 tokens, the fastest of three runs each
+    after one uncounted (tens of milliseconds at start)."""
+    if not cpu_kernels_available():
+        return _KERNEL_CHUNK_WORK
+    heads = kv_heads * group
+    generator = torch.Generator().manual_seed(0)
+    tokens = _PROBE_START + _PROBE_LENGTH
+
+    def sample(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(dtype)
+
+    q, k, v = sample(_PROBE_LENGTH, heads, head_dim), sample(_PROBE_LENGTH, kv_heads, head_dim), sample(
+        _PROBE_LENGTH, kv_heads, head_dim)
+    keys, values = sample(1, kv_heads, tokens, head_dim), sample(1, kv_heads, tokens, head_dim)
+    slots = torch.zeros(_PROBE_LENGTH, dtype=torch.long)
+    positions = torch.arange(_PROBE_START, tokens)
+    chunk = Chunk(slot=0, start=_PROBE_START, length=_PROBE_LENGTH, offset=0)
+    ops = torch.ops.adapter_service
+
+    def in_kernel() -> None:
+        ops.slot_attention(q, k, v, keys, values, slots, positions, head_dim ** -0.5)
+
+    def in_torch() -> None:
+        with torch_threads():
+            _chunk_attention(chunk, q, k, v, keys, values)
+
+    seconds = dict.fromkeys(("kernel", "torch"), math.inf)
+    with torch.inference_mode(), kernel_threads():
+        for run in range(4):
+            for name, attend in (("kernel", in_kernel), ("torch", in_torch)):
+                started = time.perf_counter()
+                attend()
+                if run:
+                    seconds[name] = min(seconds[name], time.perf_counter() - started)
+    kernel_wins = seconds["kernel"] <= seconds["torch"]
+    logger.info("long prompt chunks: attention kernel %.1f ms, torch %.1f ms; long chunks in %s",
+                seconds["kernel"] * 1e3, seconds["torch"] * 1e3, "the kernel" if kernel_wins else "torch")
+    return math.inf if kernel_wins else _KERNEL_CHUNK_WORK
