@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 _PREFILL_FLOOR = 96  # prompt tokens a step may carry however few rows decode
 _PREFILL_MIN = 16  # prompt tokens a step carries even when the decode rows fill the token budget
-_PREFILL_PER_DECODE_ROW = 3  # below the floor, prompt tokens a step carries per decode row
+_PREFILL_PER_DECODE_ROW = 6  # below the floor, prompt tokens a step carries per decode row
 _BURST_RATIO = 2  # prompts' rows per decode row from which a step carries as many prompt tokens as its budget allows
 
 
@@ -159,8 +159,11 @@ class OwnedEngine:
         rows or the floor: with the fused kernels a 64-row step carrying ~100 prompt tokens costs under twice a
         plain one (server A/B at 64 streams, two runs each: floor 64 gave TTFT p99 1.3-1.5 s and ITL p99/p50
         1.5-1.6; 96 gave 0.76-0.80 s and 1.96-2.07; 128 gave 0.81-1.07 s and 1.9-2.3). Fewer rows joining many
-        streaming ones (the steady state) get three tokens per streaming row under that floor: at 16 rows, 96
-        prompt tokens made a step 2.5x a plain one, 48 made it 1.6x. Where the prompts' rows outnumber the
+        streaming ones (the steady state) get six tokens per streaming row under that floor. Three (on the Intel
+        machine, at 16 rows, 96 prompt tokens made a step 2.5x a plain one, 48 made it 1.6x) starved long
+        prompts: 16 streams of ~230-token prompts on the AMD EPYC, two A/B rounds, six against three gave
+        321-341 against 294-295 tok/s, TTFT p99 1.15-1.19 against 1.39-1.40 s and ITL p99 / p50 1.45-1.61
+        against 2.00-2.28, with the benchmark's short prompts even (they join in waves, the case below). Where the prompts' rows outnumber the
         streaming ones twice over (``_BURST_RATIO``) and all their prompts fit in this step, there is no cap:
         a few rows' one long gap costs less than every joining row's first token waiting behind a trickle (at 16
         streams the rows that start first then held the rest of their wave to a couple of prompts a step, TTFT
