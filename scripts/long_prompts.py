@@ -1,0 +1,86 @@
+"""Long prompts, base only, ours against vLLM: streamed generation of 32 tokens after prompts of 150-250 words
+(~230 tokens), where prefill, not decode, is most of the work.
+
+Each round sends a fresh set of prompts, the same to both servers, so vLLM's prefix cache (on by default) finds
+no repeats; the servers take turns, the one not measured stopped, as in ``benchmark.py --generation-only``.
+
+    .venv/bin/python scripts/long_prompts.py --vllm-python ~/vllm-venv/bin/python [--rounds 2] [--words 150 250]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark import (  # noqa: E402
+    _free_port,
+    curve_point,
+    paused,
+    read_openai_stream,
+    resumed,
+    start_server,
+    start_vllm,
+    stop_group,
+    stream_generate,
+    text_of,
+    vllm_prefix,
+)
+
+from service.model.loading import embedded_model_folder  # noqa: E402
+from service.settings import EMBEDDED_MODEL_ID, Settings  # noqa: E402
+
+REQUESTS = 64
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vllm-python", required=True, metavar="PATH")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--words", type=int, nargs=2, default=(150, 250), metavar=("LOW", "HIGH"))
+    args = parser.parse_args()
+    prefix = vllm_prefix(args.vllm_python)
+    if prefix is None:
+        parser.error(f"--vllm-python {args.vllm_python} cannot import vllm")
+    base = embedded_model_folder(Settings().cache_dir)
+    store = Path(tempfile.mkdtemp(prefix="long-prompts-"))
+    port, vllm_port = _free_port(), _free_port()
+    server = start_server(store, "mixed", port)
+    url, vllm_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{vllm_port}"
+    log = Path(tempfile.mkstemp(prefix="long-prompts-vllm-", suffix=".log")[1])
+    peer = start_vllm(args.vllm_python, prefix, base, store, [], vllm_port, log)
+    try:
+        warm = [{"model": EMBEDDED_MODEL_ID, "prompt": "warm up", "max_tokens": 2}] * 4
+        asyncio.run(stream_generate(vllm_url, warm, 4, read_openai_stream))
+        os.killpg(peer.pid, signal.SIGSTOP)
+        asyncio.run(stream_generate(url, [{"prompt": "warm up", "max_new_tokens": 2}] * 4, 4))
+        for concurrency in (16, 64):
+            for round_ in range(args.rounds):
+                rng = random.Random(1000 + concurrency * 10 + round_)
+                prompts = [text_of(rng, *args.words) for _ in range(REQUESTS)]
+                ours = curve_point("ours", "base only", url, prompts, concurrency, lambda: None, openai=False)
+                with paused(server), resumed(peer):
+                    theirs = curve_point("vllm", "base only", vllm_url, prompts, concurrency,
+                                         lambda: EMBEDDED_MODEL_ID, openai=True)
+                print(f"c={concurrency} round {round_}: ours / vLLM {ours['tok/s'] / theirs['tok/s']:.2f} tok/s, "
+                      f"TTFT p50 {ours['ttft p50']:.2f} / {theirs['ttft p50']:.2f} s, "
+                      f"p99 {ours['ttft p99']:.2f} / {theirs['ttft p99']:.2f} s, ITL p99 / p50 "
+                      f"{ours['itl p99'] / ours['itl p50']:.2f} / {theirs['itl p99'] / theirs['itl p50']:.2f}",
+                      flush=True)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(peer.pid, signal.SIGCONT)
+        stop_group(peer)
+        server.terminate()
+        server.wait(timeout=60)
+
+
+if __name__ == "__main__":
+    main()
