@@ -289,3 +289,25 @@ def test_long_chunks_go_where_they_were_measured_faster_once_per_shape() -> None
     assert chunk_work_limit(64, 3, 3, torch.bfloat16) == limit and chunk_work_limit.cache_info().misses == 1
     ops = step_ops(torch.device("cpu"), 64, 3, 3, torch.bfloat16, True)
     assert isinstance(ops, KernelOps) and ops._chunk_work_limit == limit
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ia3_column_scales_match_torch_and_leave_unadapted_rows_alone(dtype: torch.dtype) -> None:
+    """Each token's columns scaled by its pool row, as torch's gathered multiply rounds it; slot 0 (the pool's row
+    of ones, no adapter) and the columns outside the span untouched."""
+    generator = torch.Generator().manual_seed(8)
+    width = 40  # not a multiple of the SIMD width: the tail runs too
+    scales = torch.rand(4, width, generator=generator).to(dtype) * 2
+    scales[0] = 1.0
+    out = torch.randn(5, 96, generator=generator).to(dtype)
+    slots = torch.tensor([2, 0, 3, 1, 2])
+    expected = out.clone()
+    expected[:, 24:24 + width] *= scales.index_select(0, slots)
+    actual = out.clone()
+    torch.ops.adapter_service.scale_columns_(actual, slots, scales, 24)
+    assert torch.equal(actual, expected)
+    assert torch.equal(actual[1], out[1]) and torch.equal(actual[:, :24], out[:, :24])
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        torch.ops.adapter_service.scale_columns_(out.clone(), torch.tensor([0, 0, 4, 0, 0]), scales, 24)
+    with pytest.raises(RuntimeError, match="outside out"):
+        torch.ops.adapter_service.scale_columns_(out.clone(), slots, scales, 60)

@@ -163,8 +163,9 @@ class OwnedEngine:
         machine, at 16 rows, 96 prompt tokens made a step 2.5x a plain one, 48 made it 1.6x) starved long
         prompts: 16 streams of ~230-token prompts on the AMD EPYC, two A/B rounds, six against three gave
         321-341 against 294-295 tok/s, TTFT p99 1.15-1.19 against 1.39-1.40 s and ITL p99 / p50 1.45-1.61
-        against 2.00-2.28, with the benchmark's short prompts even (they join in waves, the case below). Where the prompts' rows outnumber the
-        streaming ones twice over (``_BURST_RATIO``) and all their prompts fit in this step, there is no cap:
+        against 2.00-2.28, with the benchmark's short prompts even (they join in waves, the case below). Where
+        the prompts' rows outnumber the streaming ones twice over (``_BURST_RATIO``) and all their prompts fit in
+        this step, there is no cap:
         a few rows' one long gap costs less than every joining row's first token waiting behind a trickle (at 16
         streams the rows that start first then held the rest of their wave to a couple of prompts a step, TTFT
         p99 0.5-0.8 s). A long prompt never fits, so it is always spread over steps."""

@@ -53,8 +53,9 @@ class StepAdapters(Protocol):
         """In place on ``output`` [tokens, out], the fused output of these modules for ``x`` [tokens, in]: each
         module's LoRA delta added to its columns, then its IA3 output scale."""
 
-    def scale(self, layer: int, module: str, of_input: bool = False) -> torch.Tensor | None:
-        """IA3 per-token scales [tokens, features] of this module's output (or its input)."""
+    def scale_input(self, layer: int, module: str, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [tokens, features], the input of this module, scaled by each token's IA3 vector (in place where
+        the kernels run); ``x`` itself where no adapter scales it."""
 
     def touches(self, layer: int, names: tuple[str, ...]) -> bool:
         """Whether ``adapt`` may change the fused output of these modules of a layer."""
@@ -172,9 +173,7 @@ class LlamaForward:
                     adapters.adapt(index, _GATE_UP, h, gate_up)
                 act = ops.silu_mul(gate_up)
             if adapters is not None:
-                scale = adapters.scale(index, "down_proj", of_input=True)
-                if scale is not None:
-                    act = act * scale
+                act = adapters.scale_input(index, "down_proj", act)
             down = layer.down(act)
             if adapters is not None:
                 adapters.adapt(index, _DOWN, act, down)

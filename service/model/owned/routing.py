@@ -214,7 +214,7 @@ class StepAdapters:
                 for columns, stack in lora.stacks:
                     self._add_lora(stack, x, output[:, columns])
         if self._token_ia3 is not None:
-            _scale_outputs(self._owned, self._token_ia3, layer, names, output)
+            _scale_outputs(self._owned, self._token_ia3, layer, names, output, in_kernel=self._owned.kernel_lora)
 
     def touches(self, layer: int, names: tuple[str, ...]) -> bool:
         lora_layers, ia3_paths = self._adapted
@@ -249,10 +249,16 @@ class StepAdapters:
                 out[offset:offset + count] += stack.slot_delta(x[offset:offset + count], slot).to(out.dtype)
             offset += count
 
-    def scale(self, layer: int, module: str, of_input: bool = False) -> torch.Tensor | None:
+    def scale_input(self, layer: int, module: str, x: torch.Tensor) -> torch.Tensor:
         if self._token_ia3 is None:
-            return None
-        return _token_scales(self._owned, self._token_ia3, layer, module, of_input)
+            return x
+        scales = self._owned.ia3_scales(layer, module, True)
+        if scales is None:
+            return x
+        if self._owned.kernel_lora:
+            torch.ops.adapter_service.scale_columns_(x, self._token_ia3, scales, 0)
+            return x
+        return x * scales.index_select(0, self._token_ia3)
 
 
 class SlotStepAdapters:
@@ -275,8 +281,9 @@ class SlotStepAdapters:
         if self._ia3 is not None:
             _scale_outputs(self._owned, self._ia3, layer, names, output)
 
-    def scale(self, layer: int, module: str, of_input: bool = False) -> torch.Tensor | None:
-        return None if self._ia3 is None else _token_scales(self._owned, self._ia3, layer, module, of_input)
+    def scale_input(self, layer: int, module: str, x: torch.Tensor) -> torch.Tensor:
+        scale = None if self._ia3 is None else _token_scales(self._owned, self._ia3, layer, module, True)
+        return x if scale is None else x * scale
 
     def touches(self, layer: int, names: tuple[str, ...]) -> bool:
         """Whether any resident adapter has a stack on these modules (its rows may not be in the step: that only
@@ -294,9 +301,16 @@ def _token_scales(owned: OwnedAdapters, token_slots: torch.Tensor, layer: int, m
 
 
 def _scale_outputs(owned: OwnedAdapters, token_slots: torch.Tensor, layer: int, names: tuple[str, ...],
-                   output: torch.Tensor) -> None:
-    """Each module's columns of a fused output scaled, in place, by each token's IA3 vector."""
+                   output: torch.Tensor, in_kernel: bool = False) -> None:
+    """Each module's columns of a fused output scaled, in place, by each token's IA3 vector (in the kernels: one
+    call a module, no gathered [tokens, features] copy; else torch ops, which a CUDA graph can capture)."""
     for name in names:
+        columns = owned.forward.slices[name]
+        if in_kernel:
+            scales = owned.ia3_scales(layer, name, False)
+            if scales is not None:
+                torch.ops.adapter_service.scale_columns_(output, token_slots, scales, columns.start or 0)
+            continue
         scale = _token_scales(owned, token_slots, layer, name, False)
         if scale is not None:
-            output[:, owned.forward.slices[name]] *= scale
+            output[:, columns] *= scale

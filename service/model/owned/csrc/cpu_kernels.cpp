@@ -519,6 +519,43 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return out;
 }
 
+// ---- per-token IA3 scales from the resident pool ---------------------------------------------------------------
+//
+// out[t, column:column + width] *= scales[slots[t]] in place, each product in float32 rounded once into out, as
+// torch's multiply of the gathered rows rounds it. Slot 0 is the pool's row of ones (no adapter): skipped, since
+// x * 1 is x. One call per module, with no [tokens, width] gather written and read back.
+
+template <typename T>
+void scale_columns_impl(at::Tensor& out, const at::Tensor& slots, const at::Tensor& scales, int64_t column) {
+  const int64_t tokens = out.size(0), width = scales.size(1), whole = width - width % kLanes;
+  const int64_t stride = out.stride(0);
+  T* o_ptr = out.data_ptr<T>() + column;
+  const T* s_ptr = scales.data_ptr<T>();
+  const int64_t* slot_ptr = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t) {
+    if (slot_ptr[t] == 0) continue;
+    const T* scale = s_ptr + slot_ptr[t] * width;
+    T* dst = o_ptr + t * stride;
+    for (int64_t d = 0; d < whole; d += kLanes) store_floats(dst + d, load_floats(dst + d) * load_floats(scale + d));
+    for (int64_t d = whole; d < width; ++d) dst[d] = static_cast<T>(scalar(dst[d]) * scalar(scale[d]));
+  }
+}
+
+void scale_columns_(at::Tensor out, const at::Tensor& slots, const at::Tensor& scales, int64_t column) {
+  check_cpu(out, "out");
+  check_cpu(scales, "scales");
+  TORCH_CHECK(out.dim() == 2 && out.stride(1) == 1, "out: [tokens, columns], columns contiguous");
+  TORCH_CHECK(scales.dim() == 2 && scales.is_contiguous() && scales.scalar_type() == out.scalar_type(),
+              "scales: [pool, width], contiguous, out's dtype");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == out.size(0),
+              "slots: one int64 per token");
+  TORCH_CHECK(column >= 0 && column + scales.size(1) <= out.size(1), "the scaled columns lie outside out");
+  check_range(slots, 0, scales.size(0), "a slot outside the pool");
+  DISPATCH_MODEL_DTYPES(out.scalar_type(), "scale_columns_", [&] {
+    scale_columns_impl<scalar_t>(out, slots, scales, column);
+  });
+}
+
 // ---- per-token LoRA deltas from the resident pool (Punica's SGMV) ---------------------------------------------
 //
 // For each stack k (a module of one fused matmul) and token t with s = slots[t] >= 0:
@@ -927,6 +964,7 @@ TORCH_LIBRARY(adapter_service, m) {
   m.def("column_max(Tensor logits) -> (Tensor, Tensor)");
   m.def("lora_delta_(Tensor x, Tensor slots, Tensor[] a, Tensor[] b_t, Tensor[] ranks, int[] columns, "
         "Tensor(a!) out) -> ()");
+  m.def("scale_columns_(Tensor(a!) out, Tensor slots, Tensor scales, int column) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(adapter_service, CPU, m) {
@@ -935,5 +973,6 @@ TORCH_LIBRARY_IMPL(adapter_service, CPU, m) {
   m.impl("rotary_", rotary_);
   m.impl("silu_mul", silu_mul);
   m.impl("lora_delta_", lora_delta_);
+  m.impl("scale_columns_", scale_columns_);
   m.impl("column_max", column_max);
 }
