@@ -35,6 +35,10 @@ _KERNEL_MAX_GROUP = 16  # query heads per key/value head it holds in registers
 _KERNEL_CHUNK_WORK = 64 * 128
 # The long chunk both are timed on: a 512-token piece of a prompt after its first 1,536 tokens.
 _PROBE_START, _PROBE_LENGTH = 1536, 512
+# The share of torch's time under which the kernel takes long chunks: a clear win only, so that a machine's load
+# at start does not flip between two paths that round differently (the same long prompt could then get other
+# greedy tokens after a restart).
+_CLEAR_WIN = 0.9
 
 
 class Attention(Protocol):
@@ -289,7 +293,7 @@ def chunk_work_limit(head_dim: int, kv_heads: int, group: int, dtype: torch.dtyp
     every length tried (a 2,048-token step of 16 prompts of ~200 tokens took 976 ms with long chunks in torch and
     579 ms all in the kernel; one 3,079-token prompt 3.6 s against 2.1 s). So both are timed once here, as a step
     runs them (inside ``kernel_threads``): a 512-token chunk after 1,536 tokens, the fastest of three runs each
-    after one uncounted (tens of milliseconds at start)."""
+    after one uncounted (0.2-0.7 s at start); the kernel must take under ``_CLEAR_WIN`` of torch's time."""
     if not cpu_kernels_available():
         return _KERNEL_CHUNK_WORK
     heads = kv_heads * group
@@ -322,7 +326,7 @@ def chunk_work_limit(head_dim: int, kv_heads: int, group: int, dtype: torch.dtyp
                 attend()
                 if run:
                     seconds[name] = min(seconds[name], time.perf_counter() - started)
-    kernel_wins = seconds["kernel"] <= seconds["torch"]
+    kernel_wins = seconds["kernel"] < _CLEAR_WIN * seconds["torch"]
     logger.info("long prompt chunks: attention kernel %.1f ms, torch %.1f ms; long chunks in %s",
                 seconds["kernel"] * 1e3, seconds["torch"] * 1e3, "the kernel" if kernel_wins else "torch")
     return math.inf if kernel_wins else _KERNEL_CHUNK_WORK

@@ -255,7 +255,7 @@ class StepAdapters:
         scales = self._owned.ia3_scales(layer, module, True)
         if scales is None:
             return x
-        if self._owned.kernel_lora:
+        if self._owned.kernel_lora and scales.dtype == x.dtype:
             torch.ops.adapter_service.scale_columns_(x, self._token_ia3, scales, 0)
             return x
         return x * scales.index_select(0, self._token_ia3)
@@ -306,11 +306,10 @@ def _scale_outputs(owned: OwnedAdapters, token_slots: torch.Tensor, layer: int, 
     call a module, no gathered [tokens, features] copy; else torch ops, which a CUDA graph can capture)."""
     for name in names:
         columns = owned.forward.slices[name]
-        if in_kernel:
-            scales = owned.ia3_scales(layer, name, False)
-            if scales is not None:
-                torch.ops.adapter_service.scale_columns_(output, token_slots, scales, columns.start or 0)
+        scales = owned.ia3_scales(layer, name, False)
+        if scales is None:
             continue
-        scale = _token_scales(owned, token_slots, layer, name, False)
-        if scale is not None:
-            output[:, columns] *= scale
+        if in_kernel and scales.dtype == output.dtype:
+            torch.ops.adapter_service.scale_columns_(output, token_slots, scales, columns.start or 0)
+        else:
+            output[:, columns] *= scales.index_select(0, token_slots)
