@@ -119,3 +119,33 @@ def test_gate_up_and_its_activation_run_as_one_kernel_with_the_same_text(bf16_ru
         if adapter is not None:
             bf16_runner.unload(adapter)
     assert all(texts[(True, index)] == texts[(False, index)] for index in range(len(names)))
+
+
+def test_ia3_rows_in_bf16_give_the_same_text_through_the_scaling_kernel(bf16_runner: ModelRunner,
+                                                                         store: AdapterStore,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """IA3 rows beside a base row, in bf16: the in-place scaling kernel runs and gives the text the gathered torch
+    multiply gives (the kernels' step ops both times; only the IA3 scaling differs)."""
+    assert bf16_runner.owned is not None
+    owned = bf16_runner.owned.adapters
+    if not owned.kernel_lora:
+        pytest.skip("the step ops are torch's here")
+    adapter = bf16_runner.load(store.get("ia3-gen"))
+    tokenizer = bf16_runner.base.tokenizer
+    prompts = ["scaled in bf16", "and a base row beside it"]
+
+    def texts() -> list[str]:
+        jobs = [GenerationJob(GenerationParams(prompt=p, max_new_tokens=8), tokenizer(p)["input_ids"]) for p in prompts]
+        return [g.text for g in generate(bf16_runner, [adapter, None], jobs)]
+
+    calls = []
+    kernel = torch.ops.adapter_service.scale_columns_
+    monkeypatch.setattr(torch.ops.adapter_service, "scale_columns_", lambda *args: calls.append(1) or kernel(*args))
+    try:
+        in_kernel = texts()
+        assert calls
+        monkeypatch.setattr(owned, "kernel_lora", False)
+        calls.clear()
+        assert texts() == in_kernel and not calls
+    finally:
+        bf16_runner.unload(adapter)
