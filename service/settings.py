@@ -65,6 +65,12 @@ class Settings(BaseSettings):
         default=2 * 1024**3, ge=1024**2,
         description="Owned forward: bytes of keys/values for all running rows; a request waits until it fits.",
     )
+    prefix_cache_bytes: int = Field(
+        default=256 * 1024**2, ge=0,
+        description="Owned forward: bytes of keys/values of prefilled prompts kept so that a prompt starting the "
+                    "same way (same adapter version, same first tokens, in blocks of 16) skips their prefill; "
+                    "least recently used go first; 0 turns it off.",
+    )
     max_batch_tokens: int = Field(
         default=2048, ge=1,
         description="Owned forward: tokens in one step (a token per running row, then prompt chunks).",

@@ -35,6 +35,7 @@ def cache_limits(settings: Settings) -> CacheLimits:
         row_tokens=settings.max_input_tokens + settings.max_virtual_tokens + settings.max_new_tokens_limit,
         max_batch_tokens=settings.max_batch_tokens, cpu_kernels=settings.cpu_kernels == "auto",
         kernel_matmul=settings.cpu_matmul == "auto", decode_graphs=settings.decode_graphs,
+        prefix_cache_bytes=settings.prefix_cache_bytes,
     )
 
 

@@ -53,6 +53,11 @@ class _Row(RowState):
         return self.start + len(self.inputs) + len(self.generated) - 1
 
 
+def _adapter_key(adapter: LoadedAdapter | None) -> tuple[str, str] | None:
+    """What a row's keys and values depend on besides its inputs: the adapter's name and content."""
+    return None if adapter is None else (adapter.info.name, adapter.info.sha256)
+
+
 def row_tokens(adapter: LoadedAdapter | None, job: GenerationJob) -> int:
     """Cache entries a request may need: prefix, virtual tokens, prompt and every new token."""
     virtual = 0 if adapter is None else adapter.num_virtual_tokens + adapter.prompt_length
@@ -128,6 +133,7 @@ class OwnedEngine:
                     self._fail([row], error, events)
                     continue
                 row.start = adapter.num_virtual_tokens
+            row.fed = self._owned.prefixes.restore(_adapter_key(adapter), row.inputs, slot, row.start)
 
     def _plan(self) -> tuple[list[_Row], list[tuple[_Row, int]]]:
         """The step's decode rows (by slot) and prompt chunks (row, tokens) within the token budget."""
@@ -263,6 +269,9 @@ class OwnedEngine:
         # Nothing of the step counts until here: a failure above leaves every row as it was, to be run again.
         for row, count in chunks:
             row.fed += count
+        for row in finishing:
+            assert row.inputs is not None
+            owned.prefixes.store(_adapter_key(row.adapter), row.inputs, row.slot, row.start)
         for row, token in zip(sampling, tokens):
             row.finish_reason = self._runner.advance(row, token)
             token_events(row, events)

@@ -14,6 +14,7 @@ from service.model.owned.kernels import kernel_threads
 from service.model.owned.llama import LlamaForward, unsupported_reason
 from service.model.owned.matmul import choose_packing
 from service.model.owned.ops import KernelOps
+from service.model.owned.prefix_cache import PrefixCache
 from service.model.owned.routing import OwnedAdapters
 from service.model.owned.slot_cache import CacheLimits, CacheShape, SlotCache
 
@@ -28,6 +29,7 @@ class OwnedModel:
     cache: SlotCache
     adapters: OwnedAdapters
     max_batch_tokens: int
+    prefixes: PrefixCache
     decode_graphs: DecodeGraphs | None = None  # decode steps in static shapes (CUDA graphs on a GPU)
 
     def step_threads(self) -> contextlib.AbstractContextManager[None]:
@@ -59,4 +61,5 @@ def build_owned(base: BaseModel, gathered: GatheredLora, ia3: IA3Pool, limits: C
         graphs = DecodeGraphs(forward, cache, adapters, capture=base.device.type == "cuda")
         logger.info("decode steps in static shapes by batch size (%s)",
                     "CUDA graphs" if base.device.type == "cuda" else "run eagerly: no CUDA graphs on a CPU")
-    return OwnedModel(forward, cache, adapters, limits.max_batch_tokens, graphs)
+    return OwnedModel(forward, cache, adapters, limits.max_batch_tokens, PrefixCache(cache, limits.prefix_cache_bytes),
+                      graphs)

@@ -36,6 +36,7 @@ class CacheLimits:
     cpu_kernels: bool = True  # the fused CPU kernels where they build (else torch ops)
     kernel_matmul: bool = True  # bf16 matmuls in the service's packed kernel (AMX or AVX-512 BF16; else oneDNN)
     decode_graphs: Literal["off", "on"] = "off"  # decode steps in static shapes, CUDA graphs on a GPU (graphs.py)
+    prefix_cache_bytes: int = 0  # keys/values of prefilled prompts kept for prompts that start the same way
 
 
 @dataclass(frozen=True)
