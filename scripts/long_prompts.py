@@ -1,8 +1,9 @@
 """Long prompts, base only, ours against vLLM: streamed generation of 32 tokens after prompts of 150-250 words
 (~230 tokens), where prefill, not decode, is most of the work.
 
-Each round sends a fresh set of prompts, the same to both servers, so vLLM's prefix cache (on by default) finds
-no repeats; the servers take turns, the one not measured stopped, as in ``benchmark.py --generation-only``.
+Each round sends a fresh set of prompts, the same to both servers, so neither server's prefix cache finds
+repeats; then a last round at each concurrency sends the previous round's prompts again, where both find them
+all. The servers take turns, the one not measured stopped, as in ``benchmark.py --generation-only``.
 
     .venv/bin/python scripts/long_prompts.py --vllm-python ~/vllm-venv/bin/python [--rounds 2] [--words 150 250]
 """
@@ -62,14 +63,17 @@ def main() -> None:
         os.killpg(peer.pid, signal.SIGSTOP)
         asyncio.run(stream_generate(url, [{"prompt": "warm up", "max_new_tokens": 2}] * 4, 4))
         for concurrency in (16, 64):
-            for round_ in range(args.rounds):
-                rng = random.Random(1000 + concurrency * 10 + round_)
-                prompts = [text_of(rng, *args.words) for _ in range(REQUESTS)]
+            for round_ in range(args.rounds + 1):
+                repeat = round_ == args.rounds
+                if not repeat:
+                    rng = random.Random(1000 + concurrency * 10 + round_)
+                    prompts = [text_of(rng, *args.words) for _ in range(REQUESTS)]
                 ours = curve_point("ours", "base only", url, prompts, concurrency, lambda: None, openai=False)
                 with paused(server), resumed(peer):
                     theirs = curve_point("vllm", "base only", vllm_url, prompts, concurrency,
                                          lambda: EMBEDDED_MODEL_ID, openai=True)
-                print(f"c={concurrency} round {round_}: ours / vLLM {ours['tok/s'] / theirs['tok/s']:.2f} tok/s, "
+                label = "repeated prompts" if repeat else f"round {round_}"
+                print(f"c={concurrency} {label}: ours / vLLM {ours['tok/s'] / theirs['tok/s']:.2f} tok/s, "
                       f"TTFT p50 {ours['ttft p50']:.2f} / {theirs['ttft p50']:.2f} s, "
                       f"p99 {ours['ttft p99']:.2f} / {theirs['ttft p99']:.2f} s, ITL p99 / p50 "
                       f"{ours['itl p99'] / ours['itl p50']:.2f} / {theirs['itl p99'] / theirs['itl p50']:.2f}",

@@ -79,15 +79,19 @@ class PrefixCache:
         """Keep the whole blocks of a prompt now in the slot from entry ``start`` (those not held already)."""
         if not self.enabled:
             return
+        whole = len(inputs) // BLOCK_TOKENS * BLOCK_TOKENS
         parent: Hashable = ("adapter", adapter_key)
-        for begin in range(0, len(inputs) - BLOCK_TOKENS + 1, BLOCK_TOKENS):
+        keys = values = None  # the prompt's entries, [layers, kv_heads, whole, head_dim], read once if needed
+        for begin in range(0, whole, BLOCK_TOKENS):
             key = (parent, tuple(inputs[begin:begin + BLOCK_TOKENS]))
             block = self._blocks.get(key)
             if block is None:
-                span = slice(start + begin, start + begin + BLOCK_TOKENS)
-                block = _Block(next(self._ids),
-                               torch.stack([keys[slot, :, span] for keys in self._cache.keys]),
-                               torch.stack([values[slot, :, span] for values in self._cache.values]))
+                if keys is None or values is None:
+                    span = slice(start, start + whole)
+                    keys = torch.stack([layer[slot, :, span] for layer in self._cache.keys])
+                    values = torch.stack([layer[slot, :, span] for layer in self._cache.values])
+                block = _Block(next(self._ids), keys[:, :, begin:begin + BLOCK_TOKENS].clone(),
+                               values[:, :, begin:begin + BLOCK_TOKENS].clone())
                 self._blocks[key] = block
                 while len(self._blocks) > self._capacity:
                     self._blocks.popitem(last=False)
