@@ -648,15 +648,22 @@ def generation_run(store: Path, base: Path, adapters: dict[str, list[str]], prom
         asyncio.run(drive(url, "/v1/generate", warm, 8))
         for concurrency in CURVE:
             measured: dict[tuple[str, str], list[dict[str, float]]] = {}
-            for _ in range(rounds):
+            for round_ in range(rounds):
+                # Prompts of the same lengths, fresh for each concurrency and round (the same to every server and
+                # phase of it): re-sent, they would let both servers' prefix caches skip their prefill, and base
+                # rows more than adapter rows (a prompt's cached blocks are its adapter's own), which is not what
+                # this measures. scripts/long_prompts.py measures repeats.
+                fresh = random.Random(f"{concurrency}-{round_}")
+                round_prompts = [text_of(fresh, 8, 24) for _ in prompts]
                 for label, _, ours, theirs in phases:
                     measured.setdefault(("ours", label), []).append(
-                        curve_point("ours", label, url, prompts, concurrency, ours, openai=False))
+                        curve_point("ours", label, url, round_prompts, concurrency, ours, openai=False))
                     if label in peers:
                         peer, vllm_url = peers[label]
                         with paused(server), resumed(peer):
                             measured.setdefault(("vllm", label), []).append(
-                                curve_point("vllm", label, vllm_url, prompts, concurrency, theirs, openai=True))
+                                curve_point("vllm", label, vllm_url, round_prompts, concurrency, theirs,
+                                            openai=True))
             for (strategy, label), figures in measured.items():
                 rows += generation_rows(strategy, f"{label} c={concurrency}", median_figures(figures))
             if rounds > 1:
