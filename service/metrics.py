@@ -71,6 +71,12 @@ class Metrics:
         self.kv_cache_budget_bytes = Gauge(
             "service_kv_cache_budget_bytes", "Bytes the owned forward's KV cache may hold (its admission budget).",
             registry=r)
+        self.prefix_cache_bytes = Gauge(
+            "service_prefix_cache_bytes", "Bytes of prefilled prompts' keys/values the prefix cache holds.",
+            registry=r)
+        self.prefix_cache_hit_tokens = Gauge(
+            "service_prefix_cache_hit_tokens", "Prompt tokens taken from the prefix cache instead of computed, since "
+            "start.", registry=r)
         self.ready = Gauge("service_ready", "1 once the base model is loaded and the batcher runs.", registry=r)
 
     def adapter_label(self, adapter: str | None) -> str:

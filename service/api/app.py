@@ -83,6 +83,9 @@ def record_memory(metrics: Metrics, runner: ModelRunner) -> None:
                 if matmul.packed:  # oneDNN's opaque layout: no storage to share, counted by its elements
                     storages[id(matmul.weight)] = matmul.weight.numel() * matmul.weight.element_size()
         metrics.kv_cache_budget_bytes.set(owned.cache.nbytes_budget())
+        prefixes = owned.prefixes  # read at each scrape (a length and a count: no lock needed)
+        metrics.prefix_cache_bytes.set_function(lambda: prefixes.nbytes)
+        metrics.prefix_cache_hit_tokens.set_function(lambda: prefixes.hit_tokens)
     metrics.base_weight_bytes.set(sum(storages.values()))
 
 

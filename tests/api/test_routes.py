@@ -25,6 +25,24 @@ def test_health_ready_metrics(client: TestClient) -> None:
     assert "service_requests_total" in text and "service_queue_depth" in text
 
 
+def test_a_repeated_prompt_is_served_from_the_prefix_cache_and_counted(client: TestClient) -> None:
+    """The same prompt twice: the second reuses its cached blocks, with the same text; /metrics says so."""
+
+    def gauge(name: str) -> float:
+        line = next(line for line in client.get("/metrics").text.splitlines() if line.startswith(name + " "))
+        return float(line.split()[1])
+
+    prompt = "a prompt long enough to fill a few blocks of sixteen tokens, said twice over to the same service " * 2
+    body = {"prompt": prompt, "max_new_tokens": 6, "temperature": 0}
+    hits = gauge("service_prefix_cache_hit_tokens")
+    first = client.post("/v1/generate", json=body)
+    assert first.status_code == 200, first.text
+    assert gauge("service_prefix_cache_bytes") > 0 and gauge("service_prefix_cache_hit_tokens") == hits
+    second = client.post("/v1/generate", json=body)
+    assert second.json()["text"] == first.json()["text"]
+    assert gauge("service_prefix_cache_hit_tokens") - hits >= 32
+
+
 def test_classify_one_and_many(client: TestClient) -> None:
     response = client.post("/v1/classify", json={"adapter": "lora-cls", "inputs": "a fine day"})
     assert response.status_code == 200, response.text
