@@ -253,12 +253,9 @@ class StepAdapters:
         if self._token_ia3 is None:
             return x
         scales = self._owned.ia3_scales(layer, module, True)
-        if scales is None:
-            return x
-        if self._owned.kernel_lora and scales.dtype == x.dtype:
-            torch.ops.adapter_service.scale_columns_(x, self._token_ia3, scales, 0)
-            return x
-        return x * scales.index_select(0, self._token_ia3)
+        if scales is not None:  # x is the step's own activation: scaled in place
+            _scale_columns(scales, self._token_ia3, x, 0, self._owned.kernel_lora)
+        return x
 
 
 class SlotStepAdapters:
@@ -305,11 +302,17 @@ def _scale_outputs(owned: OwnedAdapters, token_slots: torch.Tensor, layer: int, 
     """Each module's columns of a fused output scaled, in place, by each token's IA3 vector (in the kernels: one
     call a module, no gathered [tokens, features] copy; else torch ops, which a CUDA graph can capture)."""
     for name in names:
-        columns = owned.forward.slices[name]
         scales = owned.ia3_scales(layer, name, False)
-        if scales is None:
-            continue
-        if in_kernel and scales.dtype == output.dtype:
-            torch.ops.adapter_service.scale_columns_(output, token_slots, scales, columns.start or 0)
-        else:
-            output[:, columns] *= scales.index_select(0, token_slots)
+        if scales is not None:
+            _scale_columns(scales, token_slots, output, owned.forward.slices[name].start or 0, in_kernel)
+
+
+def _scale_columns(scales: torch.Tensor, token_slots: torch.Tensor, target: torch.Tensor, column: int,
+                   in_kernel: bool) -> None:
+    """In place: each token's columns of ``target`` from ``column`` times its row of ``scales`` [pool, width]; in
+    one kernel call where the kernels run and the dtypes match, else a gathered copy and torch's multiply (the
+    same bits)."""
+    if in_kernel and scales.dtype == target.dtype:
+        torch.ops.adapter_service.scale_columns_(target, token_slots, scales, column)
+    else:
+        target[:, column:column + scales.shape[1]] *= scales.index_select(0, token_slots)
