@@ -10,11 +10,7 @@ take turns, the one not measured stopped, as in ``benchmark.py --generation-only
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import os
 import random
-import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -49,17 +45,7 @@ def main() -> None:
     rng = random.Random(0)
     prompts = [benchmark.text_of(rng, 8, 24) for _ in range(128)]
     choose = random.Random(3)
-    port, vllm_port = benchmark._free_port(), benchmark._free_port()
-    server = benchmark.start_server(store, "mixed", port)
-    url, vllm_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{vllm_port}"
-    log = Path(tempfile.mkstemp(prefix="all-linear-vllm-", suffix=".log")[1])
-    peer = benchmark.start_vllm(args.vllm_python, prefix, base, store, names, vllm_port, log)
-    try:
-        warm = [{"model": name, "prompt": "warm up", "max_tokens": 2} for name in names]
-        asyncio.run(benchmark.stream_generate(vllm_url, warm, 8, benchmark.read_openai_stream))
-        os.killpg(peer.pid, signal.SIGSTOP)
-        warm = [{"adapter": name, "prompt": "warm up", "max_new_tokens": 2} for name in [None, *names]]
-        asyncio.run(benchmark.drive(url, "/v1/generate", warm, 8))
+    with benchmark.ours_and_vllm(store, base, names, args.vllm_python, prefix) as (server, url, peer, vllm_url):
         for concurrency in (16, 64):
             for round_ in range(args.rounds):
                 base_only = benchmark.curve_point("ours", "base only", url, prompts, concurrency, lambda: None,
@@ -73,12 +59,6 @@ def main() -> None:
                       f"{mixed['tok/s'] / base_only['tok/s']:.2f}, ours mixed / vLLM mixed "
                       f"{mixed['tok/s'] / theirs['tok/s']:.2f} ({mixed['tok/s']:.0f} / {theirs['tok/s']:.0f} tok/s), "
                       f"TTFT p99 {mixed['ttft p99']:.2f} / {theirs['ttft p99']:.2f} s", flush=True)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(peer.pid, signal.SIGCONT)
-        benchmark.stop_group(peer)
-        server.terminate()
-        server.wait(timeout=60)
 
 
 if __name__ == "__main__":

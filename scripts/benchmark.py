@@ -610,6 +610,33 @@ def resumed(process: subprocess.Popen) -> Iterator[None]:
         os.killpg(process.pid, signal.SIGSTOP)
 
 
+@contextlib.contextmanager
+def ours_and_vllm(store: Path, base: Path, loras: list[str], vllm_python: str,
+                  prefix: Path) -> Iterator[tuple[subprocess.Popen, str, subprocess.Popen, str]]:
+    """Our service and one vLLM server on the same store (its LoRA adapters ``loras``), both warmed (every adapter
+    once), vLLM then stopped until its turn (``resumed``): (ours, its url, vLLM, its url). Both stop at the end."""
+    port, vllm_port = _free_port(), _free_port()
+    server = start_server(store, "mixed", port)
+    url, vllm_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{vllm_port}"
+    try:
+        log = Path(tempfile.mkstemp(prefix="bench-vllm-", suffix=".log")[1])
+        peer = start_vllm(vllm_python, prefix, base, store, loras, vllm_port, log)
+        try:
+            warm = [{"model": name, "prompt": "warm up", "max_tokens": 2} for name in (EMBEDDED_MODEL_ID, *loras)]
+            asyncio.run(stream_generate(vllm_url, warm, 8, read_openai_stream))
+            os.killpg(peer.pid, signal.SIGSTOP)
+            warm = [{"adapter": name, "prompt": "warm up", "max_new_tokens": 2} for name in (None, *loras)]
+            asyncio.run(drive(url, "/v1/generate", warm, 8))
+            yield server, url, peer, vllm_url
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(peer.pid, signal.SIGCONT)  # a stopped process acts on SIGTERM only once it runs
+            stop_group(peer)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
 def generation_run(store: Path, base: Path, adapters: dict[str, list[str]], prompts: list[str], port: int,
                    vllm_python: str | None, prefix: Path | None, rounds: int = 1) -> None:
     """Generation only, ours against vLLM at 1, 4, 16 and 64 concurrent streams: base only, and mixed adapters

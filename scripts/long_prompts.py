@@ -11,26 +11,17 @@ all. The servers take turns, the one not measured stopped, as in ``benchmark.py 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import os
 import random
-import signal
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import (  # noqa: E402
-    _free_port,
     curve_point,
+    ours_and_vllm,
     paused,
-    read_openai_stream,
     resumed,
-    start_server,
-    start_vllm,
-    stop_group,
-    stream_generate,
     text_of,
     vllm_prefix,
 )
@@ -44,7 +35,7 @@ REQUESTS = 64
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vllm-python", required=True, metavar="PATH")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, choices=range(1, 100), metavar="N")
     parser.add_argument("--words", type=int, nargs=2, default=(150, 250), metavar=("LOW", "HIGH"))
     args = parser.parse_args()
     prefix = vllm_prefix(args.vllm_python)
@@ -52,16 +43,7 @@ def main() -> None:
         parser.error(f"--vllm-python {args.vllm_python} cannot import vllm")
     base = embedded_model_folder(Settings().cache_dir)
     store = Path(tempfile.mkdtemp(prefix="long-prompts-"))
-    port, vllm_port = _free_port(), _free_port()
-    server = start_server(store, "mixed", port)
-    url, vllm_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{vllm_port}"
-    log = Path(tempfile.mkstemp(prefix="long-prompts-vllm-", suffix=".log")[1])
-    peer = start_vllm(args.vllm_python, prefix, base, store, [], vllm_port, log)
-    try:
-        warm = [{"model": EMBEDDED_MODEL_ID, "prompt": "warm up", "max_tokens": 2}] * 4
-        asyncio.run(stream_generate(vllm_url, warm, 4, read_openai_stream))
-        os.killpg(peer.pid, signal.SIGSTOP)
-        asyncio.run(stream_generate(url, [{"prompt": "warm up", "max_new_tokens": 2}] * 4, 4))
+    with ours_and_vllm(store, base, [], args.vllm_python, prefix) as (server, url, peer, vllm_url):
         for concurrency in (16, 64):
             for round_ in range(args.rounds + 1):
                 repeat = round_ == args.rounds
@@ -78,12 +60,6 @@ def main() -> None:
                       f"p99 {ours['ttft p99']:.2f} / {theirs['ttft p99']:.2f} s, ITL p99 / p50 "
                       f"{ours['itl p99'] / ours['itl p50']:.2f} / {theirs['itl p99'] / theirs['itl p50']:.2f}",
                       flush=True)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(peer.pid, signal.SIGCONT)
-        stop_group(peer)
-        server.terminate()
-        server.wait(timeout=60)
 
 
 if __name__ == "__main__":
