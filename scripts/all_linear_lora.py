@@ -42,12 +42,13 @@ def main() -> None:
     base = embedded_model_folder(Settings().cache_dir)
     store = Path(tempfile.mkdtemp(prefix="all-linear-"))
     names = benchmark.make_adapters(base, store, 32, 0, classification=False)["generation"]
-    rng = random.Random(0)
-    prompts = [benchmark.text_of(rng, 8, 24) for _ in range(128)]
     choose = random.Random(3)
     with benchmark.ours_and_vllm(store, base, names, args.vllm_python, prefix) as (server, url, peer, vllm_url):
         for concurrency in (16, 64):
             for round_ in range(args.rounds):
+                # fresh prompts each measure: re-sent, base rows would skip their prefill in the prefix cache
+                rng = random.Random(f"{concurrency}-{round_}")
+                prompts = [benchmark.text_of(rng, 8, 24) for _ in range(128)]
                 base_only = benchmark.curve_point("ours", "base only", url, prompts, concurrency, lambda: None,
                                                   openai=False)
                 mixed = benchmark.curve_point("ours", "mixed", url, prompts, concurrency,
