@@ -16,6 +16,12 @@ from tests.conftest import TINY_ID
 from tests.servers import free_port, wait_until_ready
 
 
+def queue_depth(url: str) -> int:
+    metrics = httpx.get(f"{url}/metrics").text
+    return int(float(next(line.split()[1] for line in metrics.splitlines()
+                          if line.startswith("service_queue_depth "))))
+
+
 def test_sigterm_lets_running_requests_finish(tiny_base: Path, tiny_store: Path) -> None:
     port = free_port()
     # One row at a time, so the requests below run one after another: the drain lasts long enough to be observed
@@ -37,7 +43,12 @@ def test_sigterm_lets_running_requests_finish(tiny_base: Path, tiny_store: Path)
         threads = [threading.Thread(target=long_request) for _ in range(6)]
         for thread in threads:
             thread.start()
-        time.sleep(0.3)  # the first is decoding, the others queued
+        # Signal only once all six are in: the first decoding and the rest queued (or already answered). A fixed
+        # sleep raced a loaded machine, where some requests reached the server after the signal and got 503.
+        deadline = time.monotonic() + 30
+        while queue_depth(url) + len(results) < 5:
+            assert time.monotonic() < deadline, "the six requests never all reached the server"
+            time.sleep(0.02)
         process.send_signal(signal.SIGTERM)
         time.sleep(0.05)
         # While it drains: not ready, and new work is refused with 503 rather than queued.
