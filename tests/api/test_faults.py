@@ -5,9 +5,17 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fastapi.testclient import TestClient
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 def test_corrupted_adapter_fails_alone_while_its_batch_carries_on(client: TestClient, store_copy: Path) -> None:
@@ -48,9 +56,9 @@ def test_adapter_files_deleted_under_load(client: TestClient, store_copy: Path) 
     threads = [threading.Thread(target=hammer) for _ in range(3)]
     for thread in threads:
         thread.start()
-    time.sleep(0.5)
+    wait_for(lambda: 200 in statuses)
     shutil.rmtree(store_copy / "vanishing")  # behind the service's back, not through the admin API
-    time.sleep(0.5)
+    wait_for(lambda: statuses[-3:] == [404, 404, 404])
     stop.set()
     for thread in threads:
         thread.join()
@@ -58,4 +66,5 @@ def test_adapter_files_deleted_under_load(client: TestClient, store_copy: Path) 
     # A request checked while rmtree is half-way through sees a folder without its files: that adapter is
     # incomplete at that instant (422 naming the missing file), never a server error.
     assert all("is missing" in message for message in incomplete), incomplete
-    assert client.post("/v1/generate", json={"adapter": "lora-gen", "prompt": "hi", "max_new_tokens": 2}).status_code == 200
+    neighbour = {"adapter": "lora-gen", "prompt": "hi", "max_new_tokens": 2}
+    assert client.post("/v1/generate", json=neighbour).status_code == 200
