@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import replace
 from typing import TypeVar
 
@@ -42,6 +42,9 @@ class InferenceService:
         self.executor = executor
         self.metrics = metrics
         self.quarantine = Quarantine()
+        # Adapters are read and prepared on one thread of their own: several at once (asyncio's pool, six threads
+        # on two cores) took the GIL and the cores from the model thread while a burst of cold requests waited.
+        self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-prefetch")
         self._served: Counter[str] = Counter()  # requests answered successfully, per adapter name
         self.worker = BatchWorker(settings, store, runner, metrics, self.quarantine)
         self.batcher = Batcher(
@@ -77,6 +80,7 @@ class InferenceService:
 
     async def stop(self) -> None:
         await self.batcher.stop()
+        self._prefetcher.shutdown(wait=False, cancel_futures=True)
 
     async def _on_worker(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
@@ -116,7 +120,7 @@ class InferenceService:
                             f"use {info.task.route}")
         if info.name not in self.resident:
             # Read and prepare it now, off the model thread, so its load there is only the write into the pools.
-            await asyncio.to_thread(self.runner.prefetch, info)
+            await asyncio.get_running_loop().run_in_executor(self._prefetcher, self.runner.prefetch, info)
         return info
 
     async def classify(self, adapter: str | None, texts: Sequence[str]) -> list[Classification]:
