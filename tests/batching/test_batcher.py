@@ -270,3 +270,31 @@ def test_an_idle_batcher_waits_for_a_wave_of_generation_requests_still_arriving(
     admitted = _run(main(40))  # 400 ms of arrivals, past the cap (140 ms): the first step has only the front
     first_step = min(admitted.values())
     assert 5 <= sum(step == first_step for step in admitted.values()) < 40
+
+
+def test_requests_queued_as_the_wait_runs_out_join_the_first_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wave read in two parts: the first request, then the rest queued just as the idle wait for more times out.
+    All of them start in the first step, not after the first one's run-ahead of steps."""
+    rows = _Rows(seconds=0.002)
+    real_wait_for = asyncio.wait_for
+    late: list[asyncio.Task] = []
+
+    async def main() -> list[object]:
+        batcher = _continuous(rows)
+
+        async def wave_then_timeout(awaitable, timeout):  # the first wait for more: the rest arrive as it ends
+            monkeypatch.setattr(asyncio, "wait_for", real_wait_for)
+            awaitable.close()
+            late.extend(asyncio.create_task(batcher.submit("gen", 21 + index)) for index in range(3))
+            await asyncio.sleep(0)  # they are queued
+            raise TimeoutError
+
+        monkeypatch.setattr(asyncio, "wait_for", wave_then_timeout)
+        batcher.start()
+        first = await batcher.submit("gen", 20)
+        results = [first, *[await task for task in late]]
+        await batcher.stop()
+        return results
+
+    assert _run(main()) == [20, 21, 22, 23]
+    assert rows.admitted_at == {20: 1, 21: 1, 22: 1, 23: 1}
