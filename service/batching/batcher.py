@@ -145,11 +145,7 @@ class Batcher:
     async def _collect(self) -> list[_Item]:
         assert self._queue is not None
         if self._running or self._waiting:  # steps are due: take what is queued now, never wait
-            batch = []
-            while len(batch) < self._max_batch_size and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            self._on_depth(self._queue.qsize())
-            return batch
+            return self._take_queued([])
         batch = [await self._queue.get()]
         # Nothing runs: wait up to max_wait for more. While generation requests keep arriving (a wave of clients,
         # read by this loop at a millisecond or so each), wait on until max_wait passes with none, up to
@@ -169,9 +165,17 @@ class Batcher:
             batch.append(item)
             if self._continuous(item.key) and not item.future.done():
                 deadline = max(deadline, min(last_call, time.perf_counter() + self._max_wait))
-        # Requests queued as the wait ran out join too: left in the queue, with the arrival signal about to be
-        # cleared for the steps ahead, they waited out a whole run-ahead (16 steps, 0.19 s at 16 streams) while
-        # the few rows taken before them streamed alone: the benchmark's TTFT p99 outliers of 0.26-0.30 s.
+        # Requests queued as the wait ran out join too (a timed-out wait can leave some in the queue).
+        return self._take_queued(batch)
+
+    def _take_queued(self, batch: list[_Item]) -> list[_Item]:
+        """``batch`` and what is queued now, up to the batch size. The arrival signal is cleared here, where the
+        queue is read, so it means "queued since the last read": a request queued after it (while a grouped batch
+        runs, say) makes the steps ahead hand back after one. Cleared later, as it was, a request queued in between
+        waited out a whole run-ahead (16 steps, 0.19 s at 16 streams) while the rows taken before it streamed
+        alone: the benchmark's TTFT p99 outliers."""
+        assert self._queue is not None
+        self._arrived.clear()
         while len(batch) < self._max_batch_size and not self._queue.empty():
             batch.append(self._queue.get_nowait())
         self._on_depth(self._queue.qsize())
@@ -226,9 +230,6 @@ class Batcher:
         if admitted:
             self._step_key = admitted[0].key
         loop = asyncio.get_running_loop()
-        self._arrived.clear()
-        if len(admitted) < room and not self._queue.empty():
-            self._arrived.set()  # queued and admissible: the steps ahead hand back after one so they join
         started = time.perf_counter()
         try:
             last = await loop.run_in_executor(self._executor, self._run_ahead, loop, admitted, stepped)
