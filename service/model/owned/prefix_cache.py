@@ -98,6 +98,3 @@ class PrefixCache:
             else:
                 self._blocks.move_to_end(key)
             parent = block.id
-
-    def clear(self) -> None:
-        self._blocks.clear()
